@@ -1,0 +1,245 @@
+"""Edge quality of a segmentation (thesis Sec. 4.4.2.3): precision, recall, F-measure (Eq. 4.15) and
+performance ratio (Eq. 4.16) of the predicted label map's edges against the ground truth's edges, with a
+tolerance of n pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def label_edges(labels: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Edge pixels of label maps: a pixel whose label differs from its right or bottom neighbour.
+
+    A pair of neighbours counts only when both pixels are valid, so edges never appear against (or
+    inside) an ignored region.
+
+    Args:
+        labels: (B, H, W) integer label maps.
+        valid: (B, H, W) bool mask of pixels to evaluate; all pixels when None.
+
+    Returns:
+        (B, H, W) bool edge map.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 3:
+        raise ValueError(f"labels must be a (B, H, W) tensor, got {getattr(labels, 'shape', type(labels))}")
+    if labels.dtype not in INTEGER_DTYPES:
+        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+    if valid is not None and (valid.shape != labels.shape or valid.dtype != torch.bool):
+        raise ValueError(
+            f"valid must be a bool tensor of shape {tuple(labels.shape)}, "
+            f"got {valid.dtype} {tuple(valid.shape)}"
+        )
+    edges = torch.zeros_like(labels, dtype=torch.bool)
+    right = labels[:, :, :-1] != labels[:, :, 1:]
+    below = labels[:, :-1, :] != labels[:, 1:, :]
+    if valid is not None:
+        right &= valid[:, :, :-1] & valid[:, :, 1:]
+        below &= valid[:, :-1, :] & valid[:, 1:, :]
+    edges[:, :, :-1] |= right
+    edges[:, :-1, :] |= below
+    return edges
+
+
+def _check_tolerances(tolerances: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(tolerances, (str, bytes)) or not isinstance(tolerances, Sequence) or len(tolerances) == 0:
+        raise ValueError(f"tolerances must be a non-empty sequence of ints, got {tolerances!r}")
+    for tolerance in tolerances:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
+            raise ValueError(f"tolerances must be ints >= 0 (pixels), got {tolerance!r}")
+    if len(set(tolerances)) != len(tolerances):
+        raise ValueError(f"tolerances must be distinct, got {tuple(tolerances)}")
+    return tuple(tolerances)
+
+
+def edge_match_counts(
+    pred_edges: torch.Tensor, target_edges: torch.Tensor, tolerances: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count edge pixels matched within each tolerance (Chebyshev distance, by max-pool dilation).
+
+    A predicted edge pixel is a true positive at tolerance d when a ground-truth edge pixel lies within
+    d pixels (the (2d+1) x (2d+1) square around it); a ground-truth edge pixel is recalled when a
+    predicted edge pixel lies within d pixels. Dilations grow by one 3x3 max-pool per pixel of tolerance.
+
+    Args:
+        pred_edges: (B, H, W) bool predicted edges.
+        target_edges: (B, H, W) bool ground-truth edges.
+        tolerances: distinct ints >= 0.
+
+    Returns:
+        ``(matched_pred, matched_target)``, two (T,) int64 tensors in the order of ``tolerances``.
+    """
+    tolerances = _check_tolerances(tolerances)
+    for name, edges in (("pred_edges", pred_edges), ("target_edges", target_edges)):
+        if not isinstance(edges, torch.Tensor) or edges.dim() != 3 or edges.dtype != torch.bool:
+            raise ValueError(f"{name} must be a (B, H, W) bool tensor, got {getattr(edges, 'shape', edges)}")
+    if pred_edges.shape != target_edges.shape:
+        raise ValueError(
+            f"pred_edges {tuple(pred_edges.shape)} and target_edges {tuple(target_edges.shape)} "
+            "differ in shape"
+        )
+    pred_grown = pred_edges[:, None].float()
+    target_grown = target_edges[:, None].float()
+    matched_pred = torch.zeros(len(tolerances), dtype=torch.int64, device=pred_edges.device)
+    matched_target = torch.zeros_like(matched_pred)
+    radius = 0
+    for tolerance, index in sorted((t, i) for i, t in enumerate(tolerances)):
+        while radius < tolerance:
+            pred_grown = F.max_pool2d(pred_grown, kernel_size=3, stride=1, padding=1)
+            target_grown = F.max_pool2d(target_grown, kernel_size=3, stride=1, padding=1)
+            radius += 1
+        matched_pred[index] = (pred_edges & (target_grown[:, 0] > 0)).sum()
+        matched_target[index] = (target_edges & (pred_grown[:, 0] > 0)).sum()
+    return matched_pred, matched_target
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator as float32, 0 where the denominator is 0."""
+    numerator = numerator.float()
+    denominator = denominator.float()
+    positive = denominator > 0
+    return torch.where(positive, numerator / torch.where(positive, denominator, 1.0), 0.0)
+
+
+class EdgeMetrics(Metric):
+    """Precision, recall, F-measure (Eq. 4.15) and performance ratio (Eq. 4.16) of segmentation edges.
+
+    Edges are the pixels whose label differs from the right or bottom neighbour (:func:`label_edges`),
+    in the prediction and in the target; pixels whose target is ``ignore_index`` are excluded from both.
+    At tolerance d (in pixels, Chebyshev distance):
+
+    - TP: predicted edge pixels with a ground-truth edge within d; FP: the other predicted edge pixels.
+    - FN: ground-truth edge pixels with no predicted edge within d.
+    - P = TP / (TP + FP); R = (ground-truth edges recalled) / (all ground-truth edges) = 1 - FN / #GT;
+      FM = 2 / (1/R + 1/P) (Eq. 4.15); PR = TP / (FP + FN) (Eq. 4.16, a ratio; the thesis prints x100).
+
+    A ratio with a zero denominator is 0, except PR, which is ``inf`` when TP > 0 and FP + FN = 0.
+    The states are sums of counts, so the result over a dataset is independent of how it is batched and
+    synchronises exactly under DDP.
+
+    Args:
+        num_classes: number of classes; logits must have this many channels and labels lie below it.
+        tolerances: matching tolerances in pixels (thesis Table 4.7: 1 to 5).
+        ignore_index: target label of pixels to exclude.
+
+    Shape:
+        - preds: (B, H, W) integer label map, or (B, num_classes, H, W) floating logits (argmax is taken).
+        - target: (B, H, W) integer labels in [0, num_classes) or ``ignore_index``.
+
+    ``compute()`` returns ``{"edge_precision@1px", "edge_recall@1px", "edge_f1@1px", "edge_pr@1px", ...}``
+    with one float32 scalar tensor per metric and tolerance; log it with ``self.log_dict(metric.compute())``.
+
+    Example:
+        >>> target = torch.zeros(1, 8, 8, dtype=torch.long)
+        >>> target[:, :, 4:] = 1
+        >>> metric = EdgeMetrics(num_classes=2, tolerances=(1,))
+        >>> metric.update(target.clone(), target)
+        >>> float(metric.compute()["edge_f1@1px"])
+        1.0
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    pred_edges: torch.Tensor
+    target_edges: torch.Tensor
+    matched_pred: torch.Tensor
+    matched_target: torch.Tensor
+
+    def __init__(
+        self, num_classes: int, tolerances: tuple[int, ...] = (1, 2, 3, 4, 5), ignore_index: int = 255
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(
+                f"ignore_index={ignore_index} collides with a class id (num_classes={num_classes})"
+            )
+        self.num_classes = num_classes
+        self.tolerances = _check_tolerances(tolerances)
+        self.ignore_index = ignore_index
+        count = len(self.tolerances)
+        self.add_state("pred_edges", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("target_edges", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("matched_pred", torch.zeros(count, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("matched_target", torch.zeros(count, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def _labels(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not isinstance(target, torch.Tensor) or target.dim() != 3 or target.dtype not in INTEGER_DTYPES:
+            raise ValueError(
+                f"target must be a (B, H, W) integer tensor, got {getattr(target, 'dtype', type(target))} "
+                f"{tuple(getattr(target, 'shape', ()))}"
+            )
+        if not isinstance(preds, torch.Tensor):
+            raise ValueError(f"preds must be a tensor, got {type(preds).__name__}")
+        if preds.device != target.device:
+            raise ValueError(f"preds on {preds.device} and target on {target.device} must share a device")
+        if preds.dim() == 4:
+            if not preds.is_floating_point():
+                raise ValueError(f"preds of shape (B, C, H, W) must be floating logits, got {preds.dtype}")
+            if preds.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"preds has {preds.shape[1]} channels, expected num_classes={self.num_classes}"
+                )
+            preds = preds.argmax(dim=1)
+        elif preds.dim() != 3 or preds.dtype not in INTEGER_DTYPES:
+            raise ValueError(
+                f"preds must be a (B, H, W) integer label map or (B, C, H, W) logits, got {preds.dtype} "
+                f"{tuple(preds.shape)}"
+            )
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape")
+        if preds.numel() > 0:
+            low, high = (int(v) for v in torch.aminmax(preds))
+            if low < 0 or high >= self.num_classes:
+                raise ValueError(f"preds has labels in [{low}, {high}], outside [0, {self.num_classes})")
+            labelled = target[target != self.ignore_index]
+            if labelled.numel() > 0:
+                low, high = (int(v) for v in torch.aminmax(labelled))
+                if low < 0 or high >= self.num_classes:
+                    raise ValueError(
+                        f"target has labels in [{low}, {high}], outside [0, {self.num_classes}) and not "
+                        f"ignore_index={self.ignore_index}"
+                    )
+        return preds
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """Accumulate edge counts of a batch; see the class docstring for shapes."""
+        preds = self._labels(preds, target)
+        valid = target != self.ignore_index
+        pred_edges = label_edges(preds, valid)
+        target_edges = label_edges(target, valid)
+        matched_pred, matched_target = edge_match_counts(pred_edges, target_edges, self.tolerances)
+        self.pred_edges += pred_edges.sum()
+        self.target_edges += target_edges.sum()
+        self.matched_pred += matched_pred
+        self.matched_target += matched_target
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Return precision, recall, F-measure and performance ratio at every tolerance."""
+        precision = _ratio(self.matched_pred, self.pred_edges.expand_as(self.matched_pred))
+        recall = _ratio(self.matched_target, self.target_edges.expand_as(self.matched_target))
+        f_measure = _ratio(2 * precision * recall, precision + recall)
+        false_edges = (self.pred_edges - self.matched_pred) + (self.target_edges - self.matched_target)
+        performance_ratio = _ratio(self.matched_pred, false_edges)
+        performance_ratio = torch.where(
+            (false_edges == 0) & (self.matched_pred > 0),
+            torch.full_like(performance_ratio, torch.inf),
+            performance_ratio,
+        )
+        results: dict[str, torch.Tensor] = {}
+        for index, tolerance in enumerate(self.tolerances):
+            results[f"edge_precision@{tolerance}px"] = precision[index]
+            results[f"edge_recall@{tolerance}px"] = recall[index]
+            results[f"edge_f1@{tolerance}px"] = f_measure[index]
+            results[f"edge_pr@{tolerance}px"] = performance_ratio[index]
+        return results

@@ -1,0 +1,6 @@
+"""Backbones (registry), tasks (LightningModules) and model building blocks."""
+
+from app.models.backbones import BACKBONES, SMPBackbone, create_backbone
+from app.models.segmentation_task import SegmentationTask
+
+__all__ = ["BACKBONES", "SMPBackbone", "SegmentationTask", "create_backbone"]

@@ -1,0 +1,242 @@
+"""SegmentationTask: backbone + optional structured head, trained and evaluated by Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import WandbLogger
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from app.crf_heads.base import StructuredHead
+from app.metrics import EdgeMetrics
+
+Batch = Mapping[str, Any]
+
+
+class SegmentationTask(LightningModule):
+    """Semantic segmentation with a swappable structured head.
+
+    ``logits = backbone(image)``; with a head, ``refined = head(logits, batch)``. The loss is
+    cross-entropy on the refined logits plus ``aux_loss_weight`` times the cross-entropy of the
+    pre-head logits. Validation and test log mIoU over the whole split (``MulticlassJaccardIndex``)
+    and pixel accuracy, for the final logits and, with a head, for the backbone alone (``*_backbone``),
+    and the edge F-measure and performance ratio at 1-5 px (thesis Eq. 4.15-4.16).
+
+    Args:
+        backbone: image ``(B, 3, H, W)`` -> logits ``(B, num_classes, H, W)``, e.g. ``SMPBackbone``.
+        head: a ``StructuredHead`` or ``None``.
+        num_classes: class count (the CLI links it from the datamodule).
+        class_names: names used in logged image panels (linked from the datamodule).
+        lr: learning rate of the backbone.
+        head_lr: learning rate of the head's parameters (defaults to ``lr``).
+        weight_decay: AdamW / SGD weight decay.
+        optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
+        scheduler: ``cosine`` (per step, to zero), ``poly`` (power 0.9, per step) or ``none``.
+        aux_loss_weight: weight of the auxiliary loss on the pre-head logits (0 turns it off).
+        ignore_index: mask value excluded from loss and metrics.
+        log_images: how many validation images to log as a W&B panel each epoch (0 turns it off).
+        edge_tolerances: pixel tolerances of the edge metrics (empty turns them off).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: StructuredHead | None = None,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        weight_decay: float = 1e-4,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        scheduler: Literal["cosine", "poly", "none"] = "cosine",
+        aux_loss_weight: float = 0.0,
+        ignore_index: int = 255,
+        log_images: int = 4,
+        edge_tolerances: tuple[int, ...] = (1, 2, 3, 4, 5),
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        backbone_classes = getattr(backbone, "num_classes", num_classes)
+        if backbone_classes != num_classes:
+            raise ValueError(f"backbone predicts {backbone_classes} classes but num_classes is {num_classes}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
+        if head is not None:
+            head.set_num_classes(num_classes)
+        self.save_hyperparameters(ignore=["backbone", "head"])
+        self.backbone = backbone
+        self.head = head
+        self.num_classes = num_classes
+        self.class_names = class_names or [f"class {i}" for i in range(num_classes)]
+        self.ignore_index = ignore_index
+        metrics = MetricCollection(
+            {
+                "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
+                "pixel_acc": MulticlassAccuracy(num_classes, average="micro", ignore_index=ignore_index),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_edges = EdgeMetrics(num_classes, edge_tolerances, ignore_index) if edge_tolerances else None
+        self.test_edges = self.val_edges.clone() if self.val_edges is not None else None
+        if head is not None:
+            self.val_backbone_metrics = metrics.clone(prefix="val/", postfix="_backbone")
+            self.test_backbone_metrics = metrics.clone(prefix="test/", postfix="_backbone")
+
+    # ---- forward and loss -------------------------------------------------------------------------
+
+    def forward(self, image: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
+        """image: (B, 3, H, W) -> final logits (B, num_classes, H, W)."""
+        return self.predict_logits({"image": image} if batch is None else batch)[0]
+
+    def predict_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(final_logits, backbone_logits)``, both (B, num_classes, H, W)."""
+        backbone_logits = self.backbone(batch["image"])
+        if self.head is None:
+            return backbone_logits, backbone_logits
+        self.head.check_batch(batch)
+        return self.head(backbone_logits, batch), backbone_logits
+
+    def _check_mask(self, mask: torch.Tensor) -> None:
+        valid = mask[mask != self.ignore_index]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.num_classes):
+            bad = torch.unique(valid[(valid < 0) | (valid >= self.num_classes)]).tolist()
+            raise ValueError(
+                f"mask contains class ids {bad} outside [0, {self.num_classes}) "
+                f"(ignore index {self.ignore_index}); check the datamodule's num_classes"
+            )
+
+    def _loss(self, logits: torch.Tensor, backbone_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
+        if self.head is not None and self.hparams.aux_loss_weight > 0:
+            aux = F.cross_entropy(backbone_logits, mask, ignore_index=self.ignore_index)
+            loss = loss + self.hparams.aux_loss_weight * aux
+        return loss
+
+    def compute_loss(self, batch: Batch) -> torch.Tensor:
+        """Scalar training loss of one batch (also used by pruning at initialization)."""
+        self._check_mask(batch["mask"])
+        logits, backbone_logits = self.predict_logits(batch)
+        return self._loss(logits, backbone_logits, batch["mask"])
+
+    # ---- steps --------------------------------------------------------------------------------------
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def _evaluate(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["mask"]
+        self._check_mask(mask)
+        logits, backbone_logits = self.predict_logits(batch)
+        batch_size = mask.shape[0]
+        self.log(
+            f"{stage}/loss", self._loss(logits, backbone_logits, mask), sync_dist=True, batch_size=batch_size
+        )
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits, mask)
+        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=batch_size)
+        if self.head is not None:
+            backbone_metrics = getattr(self, f"{stage}_backbone_metrics")
+            backbone_metrics.update(backbone_logits, mask)
+            self.log_dict(backbone_metrics, on_epoch=True, batch_size=batch_size)
+        edges = getattr(self, f"{stage}_edges")
+        if edges is not None:
+            edges.update(logits.argmax(1), mask)
+        return logits, backbone_logits
+
+    def _log_edges(self, stage: str) -> None:
+        edges = getattr(self, f"{stage}_edges")
+        if edges is not None:
+            scores = edges.compute()  # synced across processes by torchmetrics
+            self.log_dict({f"{stage}/{name}": value for name, value in scores.items()})
+            edges.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_edges("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_edges("test")
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits, backbone_logits = self._evaluate(batch, "val")
+        if batch_idx == 0 and self.hparams.log_images > 0:
+            self._log_examples(batch, logits, backbone_logits)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        logits, _ = self.predict_logits(batch)
+        return {"prediction": logits.argmax(1), "probabilities": logits.softmax(1)}
+
+    # ---- optimisation -------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": hp.lr}]
+        if self.head is not None:
+            head_params = [p for p in self.head.parameters() if p.requires_grad]
+            if head_params:
+                groups.append({"params": head_params, "lr": hp.head_lr if hp.head_lr is not None else hp.lr})
+        groups = [group for group in groups if group["params"]]
+        if not groups:
+            raise ValueError("SegmentationTask has no trainable parameters")
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return {"optimizer": optimizer}
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- logging ------------------------------------------------------------------------------------
+
+    def _log_examples(self, batch: Batch, logits: torch.Tensor, backbone_logits: torch.Tensor) -> None:
+        """A W&B panel per validation epoch: image with ground truth, prediction and pre-head masks."""
+        loggers = [logger for logger in self.loggers if isinstance(logger, WandbLogger)]
+        if not loggers or self.trainer.sanity_checking:
+            return
+        count = min(self.hparams.log_images, logits.shape[0])
+        raw = batch.get("image_raw")
+        images = raw[:count] if raw is not None else batch["image"][:count]
+        labels = dict(enumerate(self.class_names))
+        labels[self.ignore_index] = "ignore"
+        masks = []
+        for i in range(count):
+            layers = {
+                "ground_truth": batch["mask"][i],
+                "prediction": logits[i].argmax(0),
+            }
+            if self.head is not None:
+                layers["prediction_before_head"] = backbone_logits[i].argmax(0)
+            masks.append(
+                {name: {"mask_data": m.cpu().numpy(), "class_labels": labels} for name, m in layers.items()}
+            )
+        pictures = [
+            (image.float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy() for image in images
+        ]
+        for logger in loggers:
+            logger.log_image(key="val/examples", images=pictures, masks=masks)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        spec = checkpoint.get("ranp_channel_spec")
+        if spec:
+            from app.pruning import apply_channel_spec
+
+            apply_channel_spec(self.backbone, spec)

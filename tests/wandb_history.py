@@ -1,0 +1,58 @@
+"""Read the history of an offline W&B run file (``run-*.wandb``) to check what a run logged.
+
+The file is a LevelDB-style log (7-byte W&B header, 32 KiB blocks of records with a 7-byte header:
+crc32, uint16 length, type) holding ``wandb_internal_pb2.Record`` protobufs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path) -> list[bytes]:
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    out, pending, offset = [], b"", HEADER
+    while offset + HEADER <= len(data):
+        room = BLOCK - offset % BLOCK
+        if room < HEADER:  # block trailer
+            offset += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        payload = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        if kind == FULL:
+            out.append(payload)
+        elif kind == FIRST:
+            pending = payload
+        elif kind == MIDDLE:
+            pending += payload
+        elif kind == LAST:
+            out.append(pending + payload)
+        else:
+            break
+    return out
+
+
+def history(path: Path) -> list[dict[str, object]]:
+    """Every ``wandb.log`` row of the run, as ``{key: value}`` dicts."""
+    rows = []
+    for payload in records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+            )
+    return rows
