@@ -136,6 +136,12 @@ def test_fit_then_resume_from_last_checkpoint(tmp_path):
         ["validate", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
     )
     assert 0.0 <= float(validated.trainer.callback_metrics["val/mIoU"]) <= 1.0
+    predicted = build_cli(
+        ["predict", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")]
+    )
+    (first_batch, *_) = predicted.trainer.predict_loop.predictions
+    assert first_batch["prediction"].shape == (4, 32, 32)
+    assert int(first_batch["prediction"].max()) < 4
 
 
 def test_wandb_offline_run_has_miou_and_image_panels(tmp_path, monkeypatch):
