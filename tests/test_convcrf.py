@@ -1,9 +1,15 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from app.cli import build_cli
 from app.crf_heads import HEADS, ConvCRF, create_head
 from app.ops.reference import gaussian_message_reference
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def batch_of(image):
@@ -133,3 +139,49 @@ def test_cuda_matches_cpu():
     expected = head(logits, batch_of(image))
     result = head.cuda()(logits.cuda(), batch_of(image.cuda()))
     torch.testing.assert_close(result.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def tiny_config(tmp_path, name, **model_args):
+    """The repository's config with its model and head as is, on a tiny dataset and a CSV logger."""
+    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    config["trainer"].update(
+        accelerator="cpu",
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        logger={
+            "class_path": "lightning.pytorch.loggers.CSVLogger",
+            "init_args": {"save_dir": str(tmp_path)},
+        },
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    config["data"]["init_args"].update(image_size=32, n_train=4, n_val=2, n_test=2, batch_size=2)
+    config["model"]["init_args"].update(model_args)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("name", ["convcrf_shapes", "convcrf_decoupled"])
+def test_configs_build_the_head(tmp_path, name):
+    cli = build_cli(["--config", str(tiny_config(tmp_path, name))], run=False)
+    head = cli.model.head
+    assert isinstance(head, ConvCRF) and head.compatibility is not None and head.feature_transform is not None
+    assert cli.model.hparams.freeze_backbone == (name == "convcrf_decoupled")
+
+
+@pytest.mark.slow
+def test_configs_end_to_end_then_decoupled(tmp_path):
+    end_to_end = build_cli(["fit", "--config", str(tiny_config(tmp_path, "convcrf_shapes"))])
+    assert "val/mIoU_backbone" in end_to_end.trainer.callback_metrics
+    unary = tmp_path / "unary.ckpt"
+    end_to_end.trainer.save_checkpoint(unary)
+    config = tiny_config(tmp_path, "convcrf_decoupled", backbone_checkpoint=str(unary))
+    decoupled = build_cli(["fit", "--config", str(config)])
+    backbone = decoupled.model.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    for key, value in backbone.state_dict().items():  # frozen: still the loaded unary after training
+        torch.testing.assert_close(value, end_to_end.model.backbone.state_dict()[key])
+    assert decoupled.model.head.log_bandwidths.requires_grad
