@@ -91,7 +91,7 @@ def test_non_contiguous_input():
     torch.testing.assert_close(gaussian_message(q, features, 5), expected)
 
 
-def test_compiles_with_fake_kernel():
+def test_opcheck_schema_fake_and_autograd_registrations():
     q, features = random_case(1, 2, 2, 8, 8, dtype=torch.float32)
     result = torch.library.opcheck(torch.ops.app.gaussian_message.default, (q, features, 3))
     assert all(outcome == "SUCCESS" for outcome in result.values())
