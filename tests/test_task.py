@@ -148,3 +148,27 @@ def test_fit_logs_epoch_metrics_for_head_and_backbone(tmp_path):
         assert key in metrics, key
         assert 0.0 <= float(metrics[key]) <= (1.0 if "loss" not in key else 100.0)
     assert trainer.lr_scheduler_configs[0].interval == "step"
+
+
+def test_frozen_backbone_from_checkpoint_trains_the_head_only(tmp_path):
+    trained = SegmentationTask(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)), num_classes=3)
+    checkpoint = tmp_path / "unary.ckpt"
+    torch.save({"state_dict": trained.state_dict()}, checkpoint)
+    backbone = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    task = SegmentationTask(
+        backbone,
+        head=ScaleHead(),
+        num_classes=3,
+        freeze_backbone=True,
+        backbone_checkpoint=str(checkpoint),
+        scheduler="none",
+    )
+    assert torch.equal(backbone[0].weight, trained.backbone[0].weight)
+    task.train()
+    assert not task.backbone.training and task.head.training
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert [group["params"] for group in optimizer.param_groups] == [[task.head.scale]]
+    running_mean = backbone[1].running_mean.clone()
+    task.compute_loss(make_batch()).backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    assert torch.equal(backbone[1].running_mean, running_mean)

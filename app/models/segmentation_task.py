@@ -42,6 +42,10 @@ class SegmentationTask(LightningModule):
         ignore_index: mask value excluded from loss and metrics.
         log_images: how many validation images to log as a W&B panel each epoch (0 turns it off).
         edge_tolerances: pixel tolerances of the edge metrics (empty turns them off).
+        freeze_backbone: train the head only (decoupled training, ConvCRF Sec. 5.2): the backbone's
+            parameters get no gradient and it stays in eval mode (frozen batch-norm statistics).
+        backbone_checkpoint: a Lightning checkpoint of a trained SegmentationTask whose ``backbone.*``
+            weights are loaded into ``backbone`` (the unary of decoupled training).
     """
 
     def __init__(
@@ -59,6 +63,8 @@ class SegmentationTask(LightningModule):
         ignore_index: int = 255,
         log_images: int = 4,
         edge_tolerances: tuple[int, ...] = (1, 2, 3, 4, 5),
+        freeze_backbone: bool = False,
+        backbone_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -71,6 +77,17 @@ class SegmentationTask(LightningModule):
         if head is not None:
             head.set_num_classes(num_classes)
         self.save_hyperparameters(ignore=["backbone", "head"])
+        if backbone_checkpoint is not None:
+            state = torch.load(backbone_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            backbone.load_state_dict(
+                {
+                    key.removeprefix("backbone."): value
+                    for key, value in state.items()
+                    if key.startswith("backbone.")
+                }
+            )
+        if freeze_backbone:  # Lightning keeps each module's mode, train() below keeps it on task.train()
+            backbone.requires_grad_(False).eval()
         self.backbone = backbone
         self.head = head
         self.num_classes = num_classes
@@ -89,6 +106,12 @@ class SegmentationTask(LightningModule):
         if head is not None:
             self.val_backbone_metrics = metrics.clone(prefix="val/", postfix="_backbone")
             self.test_backbone_metrics = metrics.clone(prefix="test/", postfix="_backbone")
+
+    def train(self, mode: bool = True) -> SegmentationTask:
+        super().train(mode)
+        if self.hparams.freeze_backbone:
+            self.backbone.eval()
+        return self
 
     # ---- forward and loss -------------------------------------------------------------------------
 
