@@ -21,7 +21,10 @@ _GENERAL, _POTTS, _TRUNCATED_LINEAR = 0, 1, 2
 
 def _pairwise_kind(pairwise: Tensor | Pairwise) -> int:
     """Which O(L) path the kernels may take for ``pairwise`` (general O(L^2) when none applies)."""
-    if not isinstance(pairwise, Pairwise) or float(pairwise.term_weight) < 0:
+    if not isinstance(pairwise, Pairwise):
+        return _GENERAL
+    weight = pairwise.term_weight
+    if float(weight.detach() if isinstance(weight, Tensor) else weight) < 0:
         return _GENERAL
     return {"potts": _POTTS, "truncated_linear": _TRUNCATED_LINEAR}.get(pairwise.kind, _GENERAL)
 
