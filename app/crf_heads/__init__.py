@@ -1,5 +1,15 @@
 """Structured heads: logits in, logits out. Each registers a short name in ``HEADS``."""
 
 from app.crf_heads.base import HEADS, StructuredHead, create_head
+from app.crf_heads.message_passing import ISGMR, SGM, TRWP, MeanField, MessagePassingHead
 
-__all__ = ["HEADS", "StructuredHead", "create_head"]
+__all__ = [
+    "HEADS",
+    "ISGMR",
+    "SGM",
+    "TRWP",
+    "MeanField",
+    "MessagePassingHead",
+    "StructuredHead",
+    "create_head",
+]
