@@ -130,6 +130,24 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
   }
 }
 
+// Potts message fused with Eq. 3.5: m(lambda) = min(h(lambda), min h + c) - min h with c = w V(0, 1) >= 0, in
+// one pass over the labels; writes m and p, returns q. Same argmins as min_convolve + normalise.
+template <typename scalar_t, typename index_t>
+inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+  scalar_t low = h[0];
+  for (int64_t l = 1; l < n_labels; ++l) low = h[l] < low ? h[l] : low;
+  int32_t best = 0;
+  while (h[best] != low) ++best;
+  const scalar_t jump = low + jump_cost;
+  const scalar_t jump_message = jump - low;
+  for (int64_t l = 0; l < n_labels; ++l) {
+    const bool stay = h[l] < jump || (h[l] == jump && l < best);
+    m[l] = stay ? h[l] - low : jump_message;
+    p[l] = static_cast<index_t>(stay ? l : best);
+  }
+  return jump == low ? 0 : best;
+}
+
 // Eq. 3.5: subtract the minimum (first-index argmin q, Alg. 1-2 line 10-11); returns q.
 template <typename scalar_t>
 inline int32_t normalise(scalar_t* u, int64_t n_labels) {

@@ -39,12 +39,23 @@ void for_each_chain(const Grid<scalar_t>& grid, int64_t r, const F& fn) {
   });
 }
 
+constexpr size_t kPrefetch = 3;  // pixels ahead along a scanline
+
+template <typename scalar_t>
+void prefetch_labels(const scalar_t* data, int64_t n_labels) {
+  for (int64_t l = 0; l < n_labels; l += 64 / sizeof(scalar_t)) __builtin_prefetch(data + l);
+}
+
 // Forward of one message at pixel i from the sender costs h of its predecessor (Alg. 1-2 lines 7-11):
 // u = min-convolution (+ receiver), normalised in place; p and q stored.
 template <typename scalar_t, typename index_t>
 void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, scalar_t w, const scalar_t* receiver,
                      scalar_t* u, int32_t* arg, index_t* p, index_t* q) {
   const int64_t n_labels = grid.n_labels;
+  if (grid.kind == kPotts && receiver == nullptr) {
+    *q = static_cast<index_t>(potts_message(h, n_labels, w * grid.v_r(r)[1], u, p));
+    return;
+  }
   min_convolve(grid.kind, h, n_labels, w, grid.v_r(r), u, arg);
   if (receiver != nullptr) {
     for (int64_t l = 0; l < n_labels; ++l) u[l] += receiver[l];
@@ -69,6 +80,12 @@ void forward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, const s
     for (size_t t = 0; t < chain.size(); ++t) {
       const int64_t i = b * grid.pixels() + chain[t];
       const int64_t off = i * L;
+      if (t + kPrefetch < chain.size()) {  // strided scanlines defeat the hardware prefetcher
+        const int64_t ahead = (b * grid.pixels() + chain[t + kPrefetch]) * L;
+        prefetch_labels(m_r + ahead, L);
+        if (total != nullptr) prefetch_labels(total + ahead, L);
+        if (m_opp != nullptr) prefetch_labels(m_opp + ahead, L);
+      }
       if (t == 0 && method != kSGM) {  // first node: no predecessor, message 0
         std::fill(m_r + off, m_r + off + L, scalar_t(0));
         std::fill(idx.p + off, idx.p + off + L, index_t(0));
@@ -94,12 +111,16 @@ void forward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, const s
                         idx.p + off, idx.q + i);
       }
       if (method == kTRWP) {
-        for (int64_t l = 0; l < L; ++l) total[off + l] += u[l] - m_r[off + l];
+        for (int64_t l = 0; l < L; ++l) {
+          total[off + l] += u[l] - m_r[off + l];
+          m_r[off + l] = u[l];
+        }
+      } else {
+        if (method == kSGM) {
+          for (int64_t l = 0; l < L; ++l) out[off + l] += u[l];
+        }
+        std::copy(u.begin(), u.end(), m_r + off);
       }
-      if (method == kSGM) {
-        for (int64_t l = 0; l < L; ++l) out[off + l] += u[l];
-      }
-      std::copy(u.begin(), u.end(), m_r + off);
     }
   });
 }
