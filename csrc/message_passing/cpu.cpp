@@ -85,6 +85,7 @@ void forward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, const s
         prefetch_labels(m_r + ahead, L);
         if (total != nullptr) prefetch_labels(total + ahead, L);
         if (m_opp != nullptr) prefetch_labels(m_opp + ahead, L);
+        if (old_r != nullptr) prefetch_labels(old_r + ahead, L);
       }
       if (t == 0 && method != kSGM) {  // first node: no predecessor, message 0
         std::fill(m_r + off, m_r + off + L, scalar_t(0));
@@ -158,6 +159,17 @@ void backward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, Backwa
     for (int64_t t = static_cast<int64_t>(chain.size()) - 1; t >= 0; --t) {
       const int64_t i = b * grid.pixels() + chain[t];
       const int64_t off = i * L;
+      if (t >= static_cast<int64_t>(kPrefetch)) {
+        const int64_t ahead = (b * grid.pixels() + chain[t - kPrefetch]) * L;
+        prefetch_labels(p + ahead, L);
+        if (method == kTRWP) {
+          prefetch_labels(state.common + ahead, L);
+          prefetch_labels(state.extra + r * N * L + ahead, L);
+          prefetch_labels(state.extra + (r ^ 1) * N * L + ahead, L);
+        } else {
+          prefetch_labels((method == kISGMR ? state.extra + (r / 2) * N * L : state.common) + ahead, L);
+        }
+      }
       if (method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
         scalar_t* c = state.common + off;
         scalar_t* e_r = state.extra + r * N * L + off;
