@@ -196,3 +196,23 @@ def test_cuda_fast_paths_match_reference(kind):
     got = message_passing(unary, pairwise, weights, "trwp", 4, 3)
     expected = reference(unary.cpu(), make_pairwise(kind, matrix.cpu()), weights.cpu(), "trwp", 4, 3)
     torch.testing.assert_close(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+def test_potts_gradients_with_cut_edges(method):
+    """Canny weights are exactly 0 across image edges: every message there ties, the O(L) Potts path must
+    still pick the reference's first-index argmins."""
+    unary, _, weights = random_inputs(11, 1, 5, 6, 7, 8)
+    weights = (weights > 0.6).to(F64).requires_grad_()
+    unary.requires_grad_()
+    term_weight = torch.tensor(1.5, dtype=F64, requires_grad=True)
+    pairwise = Pairwise("potts", term_weight)
+    grad_output = torch.randn_like(unary)
+    got = _gradients(
+        lambda u, p, w: message_passing(u, p, w, method, 8, 2), unary, pairwise, weights, grad_output
+    )
+    expected = _gradients(
+        lambda u, p, w: reference(u, p, w, method, 8, 2), unary, pairwise, weights, grad_output
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
