@@ -7,7 +7,7 @@
 The reference is slow (a Python loop over image rows), so it is timed once and only at
 ``--reference-directions``. "indices" is the backward's stored state (Sec. 3.7.4): one uint8 per label and
 message plus one per message. Prints a markdown table and writes
-benchmarks/results/message_passing_speed_<device>.json.
+benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main() -> None:
     print(f"{HEIGHT}x{WIDTH}, {ITERATIONS} iterations, {args.pairwise} pairwise, {machine()}\n")
     print(markdown_table(headers, rows))
     path = save_json(
-        f"message_passing_speed_{args.device}",
+        f"message_passing_speed_{args.device}_{args.pairwise}_L{'-'.join(map(str, args.labels))}",
         {"machine": machine(), "pairwise": args.pairwise, "size": [HEIGHT, WIDTH], "results": results},
     )
     print(f"\nwrote {path}")
