@@ -158,7 +158,6 @@ inline int32_t normalise(scalar_t* u, int64_t n_labels) {
   return q;
 }
 
-
 // ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward / backward of one sweep over
 // all scanlines of a direction and accumulators() (the number of (2, L, L) pairwise-gradient buffers).
 

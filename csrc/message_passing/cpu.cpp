@@ -3,13 +3,10 @@
 // The forward stores the argmin indices p (per message label) and q (per message) of every sweep; the backward
 // replays them in reverse and needs no other forward state (Sec. 3.7.4).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
-#include <utility>
 #include <vector>
 
 #include "common.h"
