@@ -82,6 +82,7 @@ def test_bad_head_arguments():
         ISGMR(n_directions=6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ("trwp_shapes", "isgmr_shapes"))
 def test_configs_build_the_head(name):
     result = subprocess.run(
