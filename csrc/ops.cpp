@@ -12,6 +12,18 @@ TORCH_LIBRARY(app, m) {
   m.def("gaussian_message(Tensor q, Tensor features, int filter_size) -> Tensor");
   // Gradient of gaussian_message with respect to `features`, given the output gradient `grad` (B, C, H, W).
   m.def("gaussian_message_features_backward(Tensor grad, Tensor q, Tensor features, int filter_size) -> Tensor");
+  // Min-sum message passing on a D-connected grid (thesis Alg. 1-2, Eq. 3.3-3.10): unary (B, L, H, W), pairwise
+  // (L, L), edge_weights (B, D/2, H, W), all float32/float64; method 0 = ISGMR, 1 = TRWP, 2 = SGM; pairwise_kind
+  // 0 = general, 1 = Potts, 2 = truncated linear (O(L) paths, parameters read from the matrix). Returns the
+  // costs (B, L, H, W) and the argmin indices p (I, D, B, H, W, L) and q (I, D, B, H, W), uint8 for L <= 256,
+  // int16 up to 32768 labels, int32 above.
+  m.def(
+      "message_passing(Tensor unary, Tensor pairwise, Tensor edge_weights, int method, int n_directions, "
+      "int n_iterations, int pairwise_kind) -> (Tensor, Tensor, Tensor)");
+  // Gradients of unary, pairwise and edge_weights from the stored indices (Alg. 3-4, Eq. 3.30-3.36).
+  m.def(
+      "message_passing_backward(Tensor grad_costs, Tensor pairwise, Tensor edge_weights, Tensor p, Tensor q, "
+      "int method, int n_directions, int n_iterations) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import app._C` loads this shared library, which runs the registrations above.

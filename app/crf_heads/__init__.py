@@ -2,5 +2,16 @@
 
 from app.crf_heads.base import HEADS, StructuredHead, create_head
 from app.crf_heads.convcrf import ConvCRF
+from app.crf_heads.message_passing import ISGMR, SGM, TRWP, MeanField, MessagePassingHead
 
-__all__ = ["HEADS", "ConvCRF", "StructuredHead", "create_head"]
+__all__ = [
+    "HEADS",
+    "ISGMR",
+    "SGM",
+    "TRWP",
+    "ConvCRF",
+    "MeanField",
+    "MessagePassingHead",
+    "StructuredHead",
+    "create_head",
+]

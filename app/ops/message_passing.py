@@ -1,0 +1,135 @@
+"""Compiled, differentiable min-sum message passing on D-connected grid MRFs (thesis Ch. 3, Alg. 1-4).
+
+Same signature, checks and conventions as :func:`app.ops.reference.message_passing`; the forward stores the
+argmin indices of every message (uint8 up to 256 labels, wider above) and the backward replays them in
+reverse (Sec. 3.5.3, 3.7.4). Potts and truncated-linear :class:`~app.ops.reference.mrf.Pairwise` forms with a
+non-negative term weight take an O(L) forward path (min-convolution / distance transform).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from app.ops._extension import extension_loaded, require_extension
+from app.ops.reference.message_passing import METHODS, _check_n_iterations, _meanfield
+from app.ops.reference.mrf import Pairwise, prepare_mrf_inputs
+
+_METHOD_IDS = {"isgmr": 0, "trwp": 1, "sgm": 2}
+_GENERAL, _POTTS, _TRUNCATED_LINEAR = 0, 1, 2
+
+
+def _pairwise_kind(pairwise: Tensor | Pairwise) -> int:
+    """Which O(L) path the kernels may take for ``pairwise`` (general O(L^2) when none applies)."""
+    if not isinstance(pairwise, Pairwise):
+        return _GENERAL
+    weight = pairwise.term_weight
+    if float(weight.detach() if isinstance(weight, Tensor) else weight) < 0:
+        return _GENERAL
+    return {"potts": _POTTS, "truncated_linear": _TRUNCATED_LINEAR}.get(pairwise.kind, _GENERAL)
+
+
+def index_dtype(n_labels: int) -> torch.dtype:
+    """dtype of the stored argmin indices for ``n_labels`` labels."""
+    if n_labels <= 256:
+        return torch.uint8
+    return torch.int16 if n_labels <= 32768 else torch.int32
+
+
+def message_passing(
+    unary: Tensor,
+    pairwise: Tensor | Pairwise,
+    edge_weights: Tensor | None = None,
+    method: str = "trwp",
+    n_directions: int = 4,
+    n_iterations: int = 5,
+) -> Tensor:
+    """Min-sum message passing, returning the final costs ``c_i(lambda)`` (Eq. 3.7; SGM Eq. 3.6).
+
+    ``isgmr``: Alg. 1 / Eq. 3.9; ``trwp``: Alg. 2 / Eq. 3.10 with ``rho = 2 / D``; ``sgm``: Eq. 3.3;
+    ``meanfield``: the local mean-field baseline (plain PyTorch, differentiated by autograd).
+    Differentiable in ``unary``, ``pairwise`` (matrix or form parameters, Eq. 3.36) and ``edge_weights``
+    (Eq. 3.33).
+
+    Args:
+        unary: (B, L, H, W) unary costs, finite, L >= 2.
+        pairwise: (L, L) matrix ``V(a, b)`` or a :class:`~app.ops.reference.mrf.Pairwise` form.
+        edge_weights: (B, D // 2, H, W) non-negative edge weights, or None (all ones).
+        method: ``"isgmr"``, ``"trwp"``, ``"sgm"`` or ``"meanfield"``.
+        n_directions: 4, 8 or 16 (thesis Fig. 3.9).
+        n_iterations: >= 1.
+
+    Returns:
+        (B, L, H, W) costs in the dtype of ``unary`` (float16 / bfloat16 computed in float32).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    _check_n_iterations(n_iterations)
+    unary_c, matrix, weights = prepare_mrf_inputs(unary, pairwise, edge_weights, n_directions)
+    if method == "meanfield":
+        costs = _meanfield(unary_c, matrix, weights, n_directions, n_iterations)
+    else:
+        require_extension()
+        costs, _, _ = torch.ops.app.message_passing(
+            unary_c.contiguous(),
+            matrix.contiguous(),
+            weights.contiguous(),
+            _METHOD_IDS[method],
+            n_directions,
+            n_iterations,
+            _pairwise_kind(pairwise),
+        )
+    return costs.to(unary.dtype)
+
+
+def _backward(ctx, grad_costs: Tensor, grad_p: Tensor | None, grad_q: Tensor | None):
+    pairwise, edge_weights, p, q = ctx.saved_tensors
+    grad_unary, grad_pairwise, grad_weights = torch.ops.app.message_passing_backward(
+        grad_costs.contiguous(), pairwise, edge_weights, p, q, ctx.method, ctx.n_directions, ctx.n_iterations
+    )
+    return grad_unary, grad_pairwise, grad_weights, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, pairwise, edge_weights, method, n_directions, n_iterations, _ = inputs
+    _, p, q = output
+    ctx.save_for_backward(pairwise, edge_weights, p, q)
+    ctx.method, ctx.n_directions, ctx.n_iterations = method, n_directions, n_iterations
+    ctx.mark_non_differentiable(p, q)
+
+
+if extension_loaded():
+
+    @torch.library.register_fake("app::message_passing")
+    def _message_passing_fake(
+        unary: Tensor,
+        pairwise: Tensor,
+        edge_weights: Tensor,
+        method: int,
+        n_directions: int,
+        n_iterations: int,
+        pairwise_kind: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        batch, n_labels, height, width = unary.shape
+        indices = (n_iterations, n_directions, batch, height, width)
+        dtype = index_dtype(n_labels)
+        return (
+            torch.empty_like(unary),
+            unary.new_empty((*indices, n_labels), dtype=dtype),
+            unary.new_empty(indices, dtype=dtype),
+        )
+
+    @torch.library.register_fake("app::message_passing_backward")
+    def _message_passing_backward_fake(
+        grad_costs: Tensor,
+        pairwise: Tensor,
+        edge_weights: Tensor,
+        p: Tensor,
+        q: Tensor,
+        method: int,
+        n_directions: int,
+        n_iterations: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(grad_costs), torch.empty_like(pairwise), torch.empty_like(edge_weights)
+
+    torch.library.register_autograd("app::message_passing", _backward, setup_context=_setup_context)

@@ -1,0 +1,121 @@
+"""Message-passing speed, thesis Tables 3.6-3.7 layout: TRWP and ISGMR at 4/8/16 directions, 32 and 96 labels,
+256x512, 5 iterations, forward and backward, the compiled op against the plain-PyTorch reference.
+
+    python benchmarks/message_passing_speed.py [--device cpu|cuda] [--pairwise potts|truncated_linear|matrix]
+        [--labels 32 96] [--directions 4 8 16] [--reference-directions 4] [--repeats 3]
+
+The reference is slow (a Python loop over image rows), so it is timed once and only at
+``--reference-directions``. "indices" is the backward's stored state (Sec. 3.7.4): one uint8 per label and
+message plus one per message. Prints a markdown table and writes
+benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import machine, markdown_table, save_json, timed
+
+from app.ops import Pairwise, message_passing
+from app.ops.message_passing import index_dtype
+from app.ops.reference import message_passing as reference
+
+HEIGHT, WIDTH, ITERATIONS = 256, 512, 5
+
+
+def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairwise:
+    if kind == "potts":
+        return Pairwise("potts", 1.0)
+    if kind == "truncated_linear":
+        return Pairwise("truncated_linear", 1.0, 4.0)
+    return Pairwise("truncated_quadratic", 1.0, 16.0).matrix(n_labels, device=device)
+
+
+def time_pair(fn, unary: torch.Tensor, device: str, repeats: int) -> tuple[float, float]:
+    """(forward ms, backward ms) of ``fn(unary)``, medians over ``repeats``."""
+    with torch.no_grad():
+        forward = timed(lambda: fn(unary), device, repeats=repeats, warmup=1 if repeats > 1 else 0)
+    costs = fn(unary)
+    grad = torch.ones_like(costs)
+    backward = timed(
+        lambda: torch.autograd.grad(costs, unary, grad, retain_graph=True),
+        device,
+        repeats=repeats,
+        warmup=1 if repeats > 1 else 0,
+    )
+    return forward, backward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--pairwise", default="potts", choices=("potts", "truncated_linear", "matrix"))
+    parser.add_argument("--labels", type=int, nargs="+", default=[32, 96])
+    parser.add_argument("--directions", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--methods", nargs="+", default=["trwp", "isgmr"])
+    parser.add_argument("--reference-directions", type=int, nargs="*", default=[4])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    rows, results = [], []
+    for n_labels in args.labels:
+        gen = torch.Generator().manual_seed(0)
+        unary = torch.rand(1, n_labels, HEIGHT, WIDTH, generator=gen).to(args.device).requires_grad_()
+        pairwise = make_pairwise(args.pairwise, n_labels, args.device)
+        for method in args.methods:
+            for n_directions in args.directions:
+
+                def compiled(x, method=method, n_directions=n_directions, pairwise=pairwise):
+                    return message_passing(x, pairwise, None, method, n_directions, ITERATIONS)
+
+                forward, backward = time_pair(compiled, unary, args.device, args.repeats)
+                entry = {"method": method, "directions": n_directions, "labels": n_labels}
+                entry.update(forward_ms=forward, backward_ms=backward)
+                if n_directions in args.reference_directions:
+
+                    def plain(x, method=method, n_directions=n_directions, pairwise=pairwise):
+                        return reference(x, pairwise, None, method, n_directions, ITERATIONS)
+
+                    entry["reference_forward_ms"], entry["reference_backward_ms"] = time_pair(
+                        plain, unary, args.device, 1
+                    )
+                messages = ITERATIONS * n_directions * HEIGHT * WIDTH
+                entry["indices_mib"] = messages * (n_labels + 1) * index_dtype(n_labels).itemsize / 2**20
+                results.append(entry)
+                ref_f, ref_b = entry.get("reference_forward_ms"), entry.get("reference_backward_ms")
+                rows.append(
+                    [
+                        f"{method.upper()}-{n_directions}",
+                        n_labels,
+                        f"{forward / 1e3:.3f}",
+                        f"{backward / 1e3:.3f}",
+                        "-" if ref_f is None else f"{ref_f / 1e3:.2f}",
+                        "-" if ref_b is None else f"{ref_b / 1e3:.2f}",
+                        "-" if ref_f is None else f"{ref_f / forward:.0f}x / {ref_b / backward:.0f}x",
+                        f"{entry['indices_mib']:.0f}",
+                    ]
+                )
+    headers = [
+        "method",
+        "labels",
+        "fwd (s)",
+        "bwd (s)",
+        "ref fwd (s)",
+        "ref bwd (s)",
+        "speed-up",
+        "indices (MiB)",
+    ]
+    print(f"{HEIGHT}x{WIDTH}, {ITERATIONS} iterations, {args.pairwise} pairwise, {machine()}\n")
+    print(markdown_table(headers, rows))
+    path = save_json(
+        f"message_passing_speed_{args.device}_{args.pairwise}_L{'-'.join(map(str, args.labels))}",
+        {"machine": machine(), "pairwise": args.pairwise, "size": [HEIGHT, WIDTH], "results": results},
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+// Shared definitions of the min-sum message-passing kernels (thesis Ch. 3): grid directions, methods,
+// pairwise kinds, and the per-message building blocks (min-convolution Eq. 3.9/3.10 line 7-8, Eq. 3.5).
+//
+// Conventions (app/ops/reference/mrf.py): direction r = 2k steps by +offset_k, r = 2k + 1 by -offset_k;
+// the message of direction r at pixel i comes from j = i - step_r; V_r = V for even r, V^T for odd r;
+// the edge weight of (j, i) is edge_weights[k] stored at the raster-first node (j for even r, i for odd r).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#ifdef __CUDACC__
+#define APP_HOST_DEVICE __host__ __device__
+#else
+#define APP_HOST_DEVICE
+#endif
+
+namespace app {
+namespace message_passing {
+
+// Methods, as passed by app/ops/message_passing.py.
+enum Method : int64_t { kISGMR = 0, kTRWP = 1, kSGM = 2 };
+
+// Pairwise structure the forward may exploit: kGeneral is O(L^2) per message; kPotts (V = c [a != b], c >= 0)
+// and kTruncatedLinear (V = c min(|a - b|, T), c >= 0) are O(L). Parameters are read from the matrix.
+enum PairwiseKind : int64_t { kGeneral = 0, kPotts = 1, kTruncatedLinear = 2 };
+
+constexpr int kOffsets[8][2] = {{0, 1}, {1, 0}, {1, 1}, {1, -1}, {1, 2}, {2, 1}, {2, -1}, {1, -2}};
+
+// The grid problem shared by every sweep: sizes, edge weights (B, K, H, W), V and V^T (L, L).
+template <typename scalar_t>
+struct Grid {
+  int64_t batch, height, width, n_labels, n_directions;
+  const scalar_t* weights;
+  const scalar_t* v;
+  const scalar_t* v_t;
+  int64_t kind;
+
+  APP_HOST_DEVICE int64_t pixels() const { return height * width; }
+  APP_HOST_DEVICE const scalar_t* v_r(int64_t r) const { return r % 2 == 0 ? v : v_t; }
+  // Offset in edge_weights of the edge (j, i) of direction r, j the predecessor of i (in-image indices).
+  APP_HOST_DEVICE int64_t weight_slot(int64_t r, int64_t b, int64_t j, int64_t i) const {
+    return (b * (n_directions / 2) + r / 2) * pixels() + (r % 2 == 0 ? j : i);
+  }
+};
+
+// Scan step (dy, dx) of direction r.
+inline void direction_step(int64_t r, int64_t& dy, int64_t& dx) {
+  const int sign = (r % 2 == 0) ? 1 : -1;
+  dy = sign * kOffsets[r / 2][0];
+  dx = sign * kOffsets[r / 2][1];
+}
+
+// First pixels (y * W + x) of the scanlines of step (dy, dx): those whose predecessor leaves the image.
+inline std::vector<int64_t> chain_starts(int64_t height, int64_t width, int64_t dy, int64_t dx) {
+  std::vector<int64_t> starts;
+  for (int64_t y = 0; y < height; ++y) {
+    for (int64_t x = 0; x < width; ++x) {
+      const int64_t py = y - dy, px = x - dx;
+      if (py < 0 || py >= height || px < 0 || px >= width) starts.push_back(y * width + x);
+    }
+  }
+  return starts;
+}
+
+// u(lambda) = min_mu h(mu) + w V_r(mu, lambda) and its first-index argmin p(lambda) (Alg. 1-2 lines 7-8).
+// h, u: (L); v_r: (L, L) row-major (mu, lambda); arg: (L) scratch of int32 labels.
+template <typename scalar_t>
+inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scalar_t w, const scalar_t* v_r,
+                         scalar_t* u, int32_t* arg) {
+  if (kind == kGeneral) {
+    for (int64_t l = 0; l < n_labels; ++l) {
+      u[l] = h[0] + w * v_r[l];
+      arg[l] = 0;
+    }
+    for (int64_t m = 1; m < n_labels; ++m) {
+      const scalar_t hm = h[m];
+      const scalar_t* row = v_r + m * n_labels;
+      for (int64_t l = 0; l < n_labels; ++l) {
+        const scalar_t c = hm + w * row[l];
+        const bool better = c < u[l];
+        u[l] = better ? c : u[l];
+        arg[l] = better ? static_cast<int32_t>(m) : arg[l];
+      }
+    }
+    return;
+  }
+  int32_t best = 0;
+  for (int64_t m = 1; m < n_labels; ++m) best = h[m] < h[best] ? static_cast<int32_t>(m) : best;
+  if (kind == kPotts) {
+    // min(h(lambda), min_mu h(mu) + w c), ties to the lower label as the dense argmin does.
+    const scalar_t jump = h[best] + w * v_r[1];
+    for (int64_t l = 0; l < n_labels; ++l) {
+      const bool stay = h[l] < jump || (h[l] == jump && l < best);
+      u[l] = stay ? h[l] : jump;
+      arg[l] = stay ? static_cast<int32_t>(l) : best;
+    }
+    return;
+  }
+  // Truncated linear: two-pass distance transform with slope w V(0, 1), then the cap min h + w V(0, L-1).
+  const scalar_t slope = w * v_r[1];
+  for (int64_t l = 0; l < n_labels; ++l) {
+    u[l] = h[l];
+    arg[l] = static_cast<int32_t>(l);
+  }
+  for (int64_t l = 1; l < n_labels; ++l) {
+    const scalar_t c = u[l - 1] + slope;
+    if (c < u[l]) {
+      u[l] = c;
+      arg[l] = arg[l - 1];
+    }
+  }
+  for (int64_t l = n_labels - 2; l >= 0; --l) {
+    const scalar_t c = u[l + 1] + slope;
+    if (c < u[l]) {
+      u[l] = c;
+      arg[l] = arg[l + 1];
+    }
+  }
+  const scalar_t cap = h[best] + w * v_r[n_labels - 1];
+  for (int64_t l = 0; l < n_labels; ++l) {
+    const bool capped = cap < u[l];
+    u[l] = capped ? cap : u[l];
+    arg[l] = capped ? best : arg[l];
+  }
+}
+
+// Potts message fused with Eq. 3.5: m(lambda) = min(h(lambda), min h + c) - min h with c = w V(0, 1) >= 0, in
+// one pass over the labels; writes m and p, returns q. Same argmins as min_convolve + normalise.
+template <typename scalar_t, typename index_t>
+inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+  scalar_t low = h[0];
+  for (int64_t l = 1; l < n_labels; ++l) low = h[l] < low ? h[l] : low;
+  int32_t best = 0;
+  while (h[best] != low) ++best;
+  const scalar_t jump = low + jump_cost;
+  const scalar_t jump_message = jump - low;
+  for (int64_t l = 0; l < n_labels; ++l) {
+    const bool stay = h[l] < jump || (h[l] == jump && l < best);
+    m[l] = stay ? h[l] - low : jump_message;
+    p[l] = static_cast<index_t>(stay ? l : best);
+  }
+  return jump == low ? 0 : best;
+}
+
+// Eq. 3.5: subtract the minimum (first-index argmin q, Alg. 1-2 line 10-11); returns q.
+template <typename scalar_t>
+inline int32_t normalise(scalar_t* u, int64_t n_labels) {
+  int32_t q = 0;
+  for (int64_t l = 1; l < n_labels; ++l) q = u[l] < u[q] ? static_cast<int32_t>(l) : q;
+  const scalar_t low = u[q];
+  for (int64_t l = 0; l < n_labels; ++l) u[l] -= low;
+  return q;
+}
+
+// ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward / backward of one sweep over
+// all scanlines of a direction and accumulators() (the number of (2, L, L) pairwise-gradient buffers).
+
+// Index storage: the argmins of one sweep, p (B, H, W, L) and q (B, H, W).
+template <typename index_t>
+struct SweepIndices {
+  index_t* p;
+  index_t* q;
+};
+
+// Reverse-mode state of one method's backward; see backward_kernel for what each buffer holds.
+template <typename scalar_t>
+struct BackwardState {
+  scalar_t* common;   // TRWP: C, the gradient of unary and part of every message's; SGM: gradient of the sweep output
+  scalar_t* extra;    // TRWP: E (D, N, L), message gradients are C + E[d]; ISGMR: G (K, N, L); SGM: unary gradient
+  scalar_t* pending;  // ISGMR: P (K, N, L), the sender-cost gradients of the pair's sweeps
+  scalar_t* grad_weights;
+  scalar_t* grad_v;  // (threads, 2, L, L): V and V^T accumulators
+};
+
+template <typename index_t>
+at::ScalarType index_dtype() {
+  return c10::CppTypeToScalarType<index_t>::value;
+}
+
+// The method's iterations around the device's sweeps (Alg. 1-2), labels-last buffers (N = B H W, L).
+template <typename Sweeps, typename scalar_t, typename index_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const at::Tensor& pairwise,
+                                                              const at::Tensor& edge_weights, Method method,
+                                                              int64_t n_directions, int64_t n_iterations,
+                                                              int64_t kind) {
+  const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
+  const int64_t N = B * H * W, D = n_directions;
+  const at::Tensor theta = unary.permute({0, 2, 3, 1}).contiguous();  // (B, H, W, L)
+  const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
+  const at::Tensor weights = edge_weights.contiguous();
+  const Grid<scalar_t> grid{B,         H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                            v_t.const_data_ptr<scalar_t>(), kind};
+  auto index_options = unary.options().dtype(index_dtype<index_t>());
+  at::Tensor p = at::empty({n_iterations, D, B, H, W, L}, index_options);
+  at::Tensor q = at::empty({n_iterations, D, B, H, W}, index_options);
+  auto indices = [&](int64_t it, int64_t r) {
+    return SweepIndices<index_t>{p.mutable_data_ptr<index_t>() + (it * D + r) * N * L,
+                                 q.mutable_data_ptr<index_t>() + (it * D + r) * N};
+  };
+  at::Tensor costs;
+  if (method == kSGM) {
+    at::Tensor current = theta, messages = at::empty({D, N, L}, theta.options());
+    for (int64_t it = 0; it < n_iterations; ++it) {
+      at::Tensor next = at::zeros_like(theta);
+      for (int64_t r = 0; r < D; ++r) {
+        Sweeps::template forward<scalar_t, index_t>(grid, method, r, current.const_data_ptr<scalar_t>(), nullptr, nullptr,
+                                         messages.mutable_data_ptr<scalar_t>(), next.mutable_data_ptr<scalar_t>(),
+                                         indices(it, r));
+      }
+      current = next;  // Eq. 3.6, the unary of the next iteration
+    }
+    costs = current;
+  } else if (method == kTRWP) {
+    at::Tensor messages = at::zeros({D, N, L}, theta.options()), total = theta.clone();
+    for (int64_t it = 0; it < n_iterations; ++it) {
+      for (int64_t r = 0; r < D; ++r) {
+        Sweeps::template forward<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
+                                         messages.const_data_ptr<scalar_t>(), messages.mutable_data_ptr<scalar_t>(),
+                                         nullptr, indices(it, r));
+      }
+    }
+    costs = total;  // Eq. 3.7, kept up to date by the sweeps
+  } else {
+    at::Tensor old_messages = at::zeros({D, N, L}, theta.options()), messages = at::empty_like(old_messages);
+    for (int64_t it = 0; it < n_iterations; ++it) {
+      at::Tensor total = theta + old_messages.sum(0).view_as(theta);
+      for (int64_t r = 0; r < D; ++r) {
+        Sweeps::template forward<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
+                                         old_messages.const_data_ptr<scalar_t>(),
+                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it, r));
+      }
+      std::swap(old_messages, messages);  // Alg. 1 line 12
+    }
+    costs = theta + old_messages.sum(0).view_as(theta);  // Eq. 3.7
+  }
+  return {costs.view({B, H, W, L}).permute({0, 3, 1, 2}).contiguous(), p, q};
+}
+
+// Reverse-mode replay of forward_kernel from the stored indices (Alg. 3-4).
+template <typename Sweeps, typename scalar_t, typename index_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_costs,
+                                                               const at::Tensor& pairwise,
+                                                               const at::Tensor& edge_weights, const at::Tensor& p,
+                                                               const at::Tensor& q, Method method,
+                                                               int64_t n_directions, int64_t n_iterations) {
+  const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
+  const int64_t N = B * H * W, D = n_directions, K = D / 2;
+  const at::Tensor g = grad_costs.permute({0, 2, 3, 1}).contiguous();  // (B, H, W, L)
+  const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
+  const at::Tensor weights = edge_weights.contiguous();
+  const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                            v_t.const_data_ptr<scalar_t>(), kGeneral};
+  at::Tensor grad_weights = at::zeros_like(weights);
+  at::Tensor grad_v = at::zeros({Sweeps::accumulators(), 2, L, L}, g.options());
+  const index_t* p_data = p.const_data_ptr<index_t>();
+  const index_t* q_data = q.const_data_ptr<index_t>();
+  auto run = [&](int64_t it, int64_t r, BackwardState<scalar_t> state) {
+    Sweeps::template backward<scalar_t, index_t>(grid, method, r, state, p_data + (it * D + r) * N * L,
+                                      q_data + (it * D + r) * N);
+  };
+  BackwardState<scalar_t> state{nullptr, nullptr, nullptr, grad_weights.mutable_data_ptr<scalar_t>(),
+                                grad_v.mutable_data_ptr<scalar_t>()};
+  at::Tensor grad_unary;
+  if (method == kTRWP) {
+    // Message m^d has gradient C + E[d]; C is also theta's. Sweeps run in reverse order (Alg. 4).
+    at::Tensor common = g.clone(), extra = at::zeros({D, N, L}, g.options());
+    state.common = common.mutable_data_ptr<scalar_t>();
+    state.extra = extra.mutable_data_ptr<scalar_t>();
+    for (int64_t it = n_iterations - 1; it >= 0; --it) {
+      for (int64_t r = D - 1; r >= 0; --r) run(it, r, state);
+    }
+    grad_unary = common;
+  } else if (method == kISGMR) {
+    // After each iteration's replay, m^{2k} and m^{2k+1} share one gradient G[k] (Alg. 3).
+    at::Tensor pair_grads = g.unsqueeze(0).expand({K, B, H, W, L}).contiguous().view({K, N, L});
+    at::Tensor pending = at::empty_like(pair_grads);
+    grad_unary = g.clone();
+    state.extra = pair_grads.mutable_data_ptr<scalar_t>();
+    state.pending = pending.mutable_data_ptr<scalar_t>();
+    for (int64_t it = n_iterations - 1; it >= 0; --it) {
+      pending.zero_();
+      for (int64_t r = 0; r < D; ++r) run(it, r, state);
+      const at::Tensor base_grad = pending.sum(0);  // gradient of theta + sum of all previous messages
+      grad_unary.view({N, L}).add_(base_grad);
+      pair_grads.copy_(base_grad.unsqueeze(0) - pending);
+    }
+  } else {
+    at::Tensor current = g.clone();
+    for (int64_t it = n_iterations - 1; it >= 0; --it) {
+      at::Tensor previous = at::zeros_like(current);
+      state.common = current.mutable_data_ptr<scalar_t>();
+      state.extra = previous.mutable_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < D; ++r) run(it, r, state);
+      current = previous;
+    }
+    grad_unary = current;
+  }
+  const at::Tensor v_sums = grad_v.sum(0);
+  at::Tensor grad_pairwise = v_sums[0] + v_sums[1].t();
+  return {grad_unary.view({B, H, W, L}).permute({0, 3, 1, 2}).contiguous(), grad_pairwise, grad_weights};
+}
+
+template <typename F>
+void dispatch_index(const at::ScalarType index_type, const F& fn) {
+  switch (index_type) {
+    case at::kByte:
+      fn(uint8_t{});
+      break;
+    case at::kShort:
+      fn(int16_t{});
+      break;
+    case at::kInt:
+      fn(int32_t{});
+      break;
+    default:
+      TORCH_CHECK(false, "message_passing: unsupported index dtype ", index_type);
+  }
+}
+
+inline at::ScalarType index_type_for(int64_t n_labels) {
+  if (n_labels <= 256) return at::kByte;
+  return n_labels <= 32768 ? at::kShort : at::kInt;
+}
+
+inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, const at::Tensor& edge_weights,
+                  int64_t method, int64_t n_directions, int64_t n_iterations) {
+  TORCH_CHECK(unary.dim() == 4 && unary.size(1) >= 2, "message_passing: unary must be (B, L, H, W), L >= 2");
+  TORCH_CHECK(pairwise.dim() == 2 && pairwise.size(0) == unary.size(1) && pairwise.size(1) == unary.size(1),
+              "message_passing: pairwise must be (L, L)");
+  TORCH_CHECK(n_directions == 4 || n_directions == 8 || n_directions == 16,
+              "message_passing: n_directions must be 4, 8 or 16");
+  TORCH_CHECK(edge_weights.dim() == 4 && edge_weights.size(0) == unary.size(0) &&
+                  edge_weights.size(1) == n_directions / 2 && edge_weights.size(2) == unary.size(2) &&
+                  edge_weights.size(3) == unary.size(3),
+              "message_passing: edge_weights must be (B, D/2, H, W)");
+  TORCH_CHECK(pairwise.scalar_type() == unary.scalar_type() && edge_weights.scalar_type() == unary.scalar_type(),
+              "message_passing: unary, pairwise and edge_weights must share a dtype");
+  TORCH_CHECK(method >= kISGMR && method <= kSGM, "message_passing: unknown method ", method);
+  TORCH_CHECK(n_iterations >= 1, "message_passing: n_iterations must be >= 1");
+}
+
+template <typename Sweeps>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_forward(const at::Tensor& unary,
+                                                                   const at::Tensor& pairwise,
+                                                                   const at::Tensor& edge_weights, int64_t method,
+                                                                   int64_t n_directions, int64_t n_iterations,
+                                                                   int64_t pairwise_kind) {
+  check_inputs(unary, pairwise, edge_weights, method, n_directions, n_iterations);
+  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "message_passing: unknown kind");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "message_passing", [&] {
+    dispatch_index(index_type_for(unary.size(1)), [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      result = forward_kernel<Sweeps, scalar_t, index_t>(unary, pairwise, edge_weights, static_cast<Method>(method),
+                                                 n_directions, n_iterations, pairwise_kind);
+    });
+  });
+  return result;
+}
+
+template <typename Sweeps>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_backward(
+    const at::Tensor& grad_costs, const at::Tensor& pairwise, const at::Tensor& edge_weights, const at::Tensor& p,
+    const at::Tensor& q, int64_t method, int64_t n_directions, int64_t n_iterations) {
+  check_inputs(grad_costs, pairwise, edge_weights, method, n_directions, n_iterations);
+  TORCH_CHECK(p.scalar_type() == index_type_for(grad_costs.size(1)) && p.scalar_type() == q.scalar_type(),
+              "message_passing_backward: index dtype does not match the label count");
+  TORCH_CHECK(p.is_contiguous() && q.is_contiguous(), "message_passing_backward: indices must be contiguous");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(grad_costs.scalar_type(), "message_passing_backward", [&] {
+    dispatch_index(p.scalar_type(), [&](auto index_tag) {
+      using index_t = decltype(index_tag);
+      result = backward_kernel<Sweeps, scalar_t, index_t>(grad_costs, pairwise, edge_weights, p, q,
+                                                  static_cast<Method>(method), n_directions, n_iterations);
+    });
+  });
+  return result;
+}
+
+}  // namespace message_passing
+}  // namespace app

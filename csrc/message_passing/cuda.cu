@@ -1,0 +1,313 @@
+// ISGMR / TRWP / SGM min-sum message passing on the GPU (thesis Alg. 1-4): one thread block per scanline, the
+// block's threads over labels. A block walks its scanline pixel by pixel (the recursion of Eq. 3.9/3.10); every
+// message is a parallel min-convolution (O(L) per label, O(1) per label for Potts) plus block argmin (Eq. 3.5).
+// The host driver (iterations, buffers, index storage) is shared with the CPU in common.h.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common.h"
+
+namespace app {
+namespace message_passing {
+namespace {
+
+constexpr int kMaxThreads = 256;
+
+int threads_for(int64_t n_labels) {
+  int threads = 32;
+  while (threads < n_labels && threads < kMaxThreads) threads *= 2;
+  return threads;
+}
+
+// Block-wide (min, first argmin) of (value, index) pairs held one per thread; every thread gets the result.
+template <typename scalar_t>
+__device__ void block_argmin(scalar_t& value, int& index, scalar_t* red_v, int* red_i) {
+  const int tid = threadIdx.x;
+  red_v[tid] = value;
+  red_i[tid] = index;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (tid < stride) {
+      const scalar_t ov = red_v[tid + stride];
+      const int oi = red_i[tid + stride];
+      if (ov < red_v[tid] || (ov == red_v[tid] && oi < red_i[tid])) {
+        red_v[tid] = ov;
+        red_i[tid] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  value = red_v[0];
+  index = red_i[0];
+  __syncthreads();
+}
+
+template <typename scalar_t>
+__device__ scalar_t block_sum(scalar_t value, scalar_t* red_v) {
+  const int tid = threadIdx.x;
+  red_v[tid] = value;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (tid < stride) red_v[tid] += red_v[tid + stride];
+    __syncthreads();
+  }
+  const scalar_t result = red_v[0];
+  __syncthreads();
+  return result;
+}
+
+// (min, first argmin) over the labels of an (L) shared array.
+template <typename scalar_t>
+__device__ void array_argmin(const scalar_t* a, int64_t n_labels, scalar_t& value, int& index, scalar_t* red_v,
+                             int* red_i) {
+  value = a[0];
+  index = 0;
+  for (int64_t l = threadIdx.x; l < n_labels; l += blockDim.x) {
+    if (a[l] < value || (a[l] == value && l < index)) {
+      value = a[l];
+      index = static_cast<int>(l);
+    }
+  }
+  block_argmin(value, index, red_v, red_i);
+}
+
+struct Chain {
+  int64_t start, dy, dx;
+};
+
+template <typename scalar_t, typename index_t>
+__global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain,
+                                     const int64_t* starts, int64_t n_starts, const scalar_t* unary, scalar_t* total,
+                                     const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
+                                     SweepIndices<index_t> idx) {
+  extern __shared__ unsigned char shared[];
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
+  scalar_t* h = reinterpret_cast<scalar_t*>(shared);
+  scalar_t* u = h + L;
+  scalar_t* red_v = u + L;
+  int* red_i = reinterpret_cast<int*>(red_v + blockDim.x);
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const int64_t b = blockIdx.x / n_starts;
+  const int64_t start = starts[blockIdx.x % n_starts];
+  scalar_t* m_r = messages + r * N * L;
+  const scalar_t* m_opp = method == kTRWP ? messages + (r ^ 1) * N * L : old_messages + (r ^ 1) * N * L;
+  const scalar_t* old_r = old_messages + r * N * L;
+  const scalar_t* v_r = grid.v_r(r);
+  int64_t y = start / grid.width, x = start % grid.width, prev = -1;
+  for (; y >= 0 && y < grid.height && x >= 0 && x < grid.width; y += chain.dy, x += chain.dx) {
+    const int64_t pix = y * grid.width + x;
+    const int64_t i = b * grid.pixels() + pix, off = i * L;
+    if (prev < 0 && method != kSGM) {
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+        m_r[off + l] = 0;
+        idx.p[off + l] = 0;
+      }
+      if (threadIdx.x == 0) idx.q[i] = 0;
+      prev = pix;
+      continue;
+    }
+    if (prev < 0) {
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+        u[l] = unary[off + l];
+        idx.p[off + l] = 0;
+      }
+    } else {
+      const int64_t joff = (b * grid.pixels() + prev) * L;
+      const scalar_t w = grid.weights[grid.weight_slot(r, b, prev, pix)];
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+        if (method == kTRWP) {
+          h[l] = rho * total[joff + l] - m_opp[joff + l];
+        } else if (method == kISGMR) {
+          h[l] = total[joff + l] - old_r[joff + l] - m_opp[joff + l] + m_r[joff + l];
+        } else {
+          h[l] = m_r[joff + l];
+        }
+      }
+      __syncthreads();
+      scalar_t h_min = 0;
+      int best = 0;
+      if (grid.kind == kPotts) array_argmin(h, L, h_min, best, red_v, red_i);
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+        scalar_t value;
+        int arg;
+        if (grid.kind == kPotts) {
+          const scalar_t jump = h_min + w * v_r[1];
+          const bool stay = h[l] < jump || (h[l] == jump && l < best);
+          value = stay ? h[l] : jump;
+          arg = stay ? static_cast<int>(l) : best;
+        } else {  // dense min-convolution (truncated linear included: O(L) per thread)
+          value = h[0] + w * v_r[l];
+          arg = 0;
+          for (int64_t m = 1; m < L; ++m) {
+            const scalar_t c = h[m] + w * v_r[m * L + l];
+            if (c < value) {
+              value = c;
+              arg = static_cast<int>(m);
+            }
+          }
+        }
+        u[l] = value + (method == kSGM ? unary[off + l] : scalar_t(0));
+        idx.p[off + l] = static_cast<index_t>(arg);
+      }
+    }
+    __syncthreads();
+    scalar_t low;
+    int q;
+    array_argmin(u, L, low, q, red_v, red_i);
+    if (threadIdx.x == 0) idx.q[i] = static_cast<index_t>(q);
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+      const scalar_t value = u[l] - low;
+      if (method == kTRWP) total[off + l] += value - m_r[off + l];
+      if (method == kSGM) out[off + l] += value;
+      m_r[off + l] = value;
+    }
+    __syncthreads();
+    prev = pix;
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain,
+                                      const int64_t* starts, int64_t n_starts, BackwardState<scalar_t> state,
+                                      const index_t* p, const index_t* q) {
+  extern __shared__ unsigned char shared[];
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
+  scalar_t* g = reinterpret_cast<scalar_t*>(shared);
+  scalar_t* gs = g + L;
+  scalar_t* red_v = gs + L;
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const int64_t b = blockIdx.x / n_starts;
+  const int64_t start = starts[blockIdx.x % n_starts];
+  const scalar_t* v_r = grid.v_r(r);
+  scalar_t* gv_r = state.grad_v + (r % 2) * L * L;
+  int64_t length = 0;
+  const int64_t y0 = start / grid.width, x0 = start % grid.width;
+  while (true) {
+    const int64_t y = y0 + length * chain.dy, x = x0 + length * chain.dx;
+    if (y < 0 || y >= grid.height || x < 0 || x >= grid.width) break;
+    ++length;
+  }
+  bool carry = false;
+  for (int64_t t = length - 1; t >= 0; --t) {
+    const int64_t pix = (y0 + t * chain.dy) * grid.width + x0 + t * chain.dx;
+    const int64_t i = b * grid.pixels() + pix, off = i * L;
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+      if (method == kTRWP) {
+        scalar_t* c = state.common + off;
+        scalar_t* e_r = state.extra + r * N * L + off;
+        const scalar_t from_sender = carry ? rho * gs[l] : scalar_t(0);
+        g[l] = c[l] + e_r[l] + from_sender;
+        c[l] += from_sender;
+        e_r[l] = -c[l];
+        if (carry) state.extra[(r ^ 1) * N * L + off + l] -= gs[l];
+      } else if (method == kISGMR) {
+        const scalar_t from_sender = carry ? gs[l] : scalar_t(0);
+        g[l] = state.extra[(r / 2) * N * L + off + l] + from_sender;
+        state.pending[(r / 2) * N * L + off + l] += from_sender;
+      } else {
+        g[l] = state.common[off + l] + (carry ? gs[l] : scalar_t(0));
+      }
+    }
+    if (t == 0 && method != kSGM) break;
+    scalar_t partial = 0;
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) partial += g[l];
+    const scalar_t sum = block_sum(partial, red_v);  // syncs: g complete, gs no longer read
+    const int64_t q_i = static_cast<int64_t>(q[i]);
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+      if (l == q_i) g[l] -= sum;
+      gs[l] = 0;
+      if (method == kSGM) state.extra[off + l] += g[l];
+    }
+    __syncthreads();
+    carry = t > 0;
+    if (!carry) continue;
+    const int64_t prev = (y0 + (t - 1) * chain.dy) * grid.width + x0 + (t - 1) * chain.dx;
+    const int64_t slot = grid.weight_slot(r, b, prev, pix);
+    const scalar_t w = grid.weights[slot];
+    scalar_t weight_grad = 0;
+    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+      const int64_t m = static_cast<int64_t>(p[off + l]);
+      atomicAdd(gs + m, g[l]);
+      weight_grad += g[l] * v_r[m * L + l];
+      atomicAdd(gv_r + m * L + l, w * g[l]);
+    }
+    weight_grad = block_sum(weight_grad, red_v);  // also publishes gs
+    if (threadIdx.x == 0) state.grad_weights[slot] += weight_grad;
+  }
+}
+
+struct CudaSweeps {
+  // Chain starts of direction r on the device, and the launch shape.
+  static at::Tensor starts(int64_t height, int64_t width, int64_t r, Chain& chain, const at::Device& device) {
+    direction_step(r, chain.dy, chain.dx);
+    const std::vector<int64_t> host = chain_starts(height, width, chain.dy, chain.dx);
+    return at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(device);
+  }
+
+  template <typename scalar_t, typename index_t>
+  static void forward(const Grid<scalar_t>& grid, Method method, int64_t r, const scalar_t* unary, scalar_t* total,
+                      const scalar_t* old_messages, scalar_t* messages, scalar_t* out, SweepIndices<index_t> idx) {
+    Chain chain{0, 0, 0};
+    const at::Device device(at::kCUDA, c10::cuda::current_device());
+    const at::Tensor start_list = starts(grid.height, grid.width, r, chain, device);
+    const int threads = threads_for(grid.n_labels);
+    const size_t shared = (2 * grid.n_labels + threads) * sizeof(scalar_t) + threads * sizeof(int);
+    const int64_t n_starts = start_list.numel();
+    forward_sweep_kernel<scalar_t, index_t>
+        <<<grid.batch * n_starts, threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+            grid, method, r, chain, start_list.const_data_ptr<int64_t>(), n_starts, unary, total, old_messages,
+            messages, out, idx);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t, typename index_t>
+  static void backward(const Grid<scalar_t>& grid, Method method, int64_t r, BackwardState<scalar_t> state,
+                       const index_t* p, const index_t* q) {
+    Chain chain{0, 0, 0};
+    const at::Device device(at::kCUDA, c10::cuda::current_device());
+    const at::Tensor start_list = starts(grid.height, grid.width, r, chain, device);
+    const int threads = threads_for(grid.n_labels);
+    const size_t shared = (2 * grid.n_labels + threads) * sizeof(scalar_t);
+    const int64_t n_starts = start_list.numel();
+    backward_sweep_kernel<scalar_t, index_t>
+        <<<grid.batch * n_starts, threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+            grid, method, r, chain, start_list.const_data_ptr<int64_t>(), n_starts, state, p, q);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  static int64_t accumulators() { return 1; }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& unary, const at::Tensor& pairwise,
+                                                            const at::Tensor& edge_weights, int64_t method,
+                                                            int64_t n_directions, int64_t n_iterations,
+                                                            int64_t pairwise_kind) {
+  const c10::cuda::CUDAGuard guard(unary.device());
+  // The distance transform is sequential over labels; on the GPU truncated linear takes the dense path.
+  return message_passing_forward<CudaSweeps>(unary, pairwise, edge_weights, method, n_directions, n_iterations,
+                                             pairwise_kind == kPotts ? kPotts : kGeneral);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_costs, const at::Tensor& pairwise,
+                                                             const at::Tensor& edge_weights, const at::Tensor& p,
+                                                             const at::Tensor& q, int64_t method, int64_t n_directions,
+                                                             int64_t n_iterations) {
+  const c10::cuda::CUDAGuard guard(grad_costs.device());
+  return message_passing_backward<CudaSweeps>(grad_costs, pairwise, edge_weights, p, q, method, n_directions,
+                                              n_iterations);
+}
+
+}  // namespace
+}  // namespace message_passing
+
+TORCH_LIBRARY_IMPL(app, CUDA, m) {
+  m.impl("message_passing", &message_passing::forward_cuda);
+  m.impl("message_passing_backward", &message_passing::backward_cuda);
+}
+
+}  // namespace app
