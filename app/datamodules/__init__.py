@@ -2,7 +2,8 @@
 
 Every batch is a dict: ``image`` (B, 3, H, W) normalised, ``image_raw`` (B, 3, H, W) in [0, 1],
 ``mask`` (B, H, W) int64 (255 = ignore), ``index`` (B,), and optionally ``superpixels`` (B, H, W) int64
-and ``edges`` (B, H, W) float32.
+and ``edges`` (B, H, W) float32. ``SyntheticVolumes`` and ``SyntheticClips`` are the 3D data of the pruning
+experiments (``image`` (B, 1, D, H, W) with ``mask`` (B, D, H, W); ``image`` (B, 3, T, H, W) with ``label`` (B,)).
 """
 
 from app.datamodules.common import (
@@ -20,19 +21,24 @@ from app.datamodules.common import (
 )
 from app.datamodules.shapes import SHAPE_KINDS, ShapesDataset, SyntheticShapes, render_shapes
 from app.datamodules.voc import VOC_CLASS_NAMES, VOCDataset, VOCFolder
+from app.datamodules.volumes import ClipsDataset, SyntheticClips, SyntheticVolumes, VolumesDataset
 
 __all__ = [
     "IGNORE_INDEX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ClipsDataset",
     "SHAPE_KINDS",
     "VOC_CLASS_NAMES",
     "SegmentationDataModule",
     "SegmentationDataset",
     "ShapesDataset",
+    "SyntheticClips",
     "SyntheticShapes",
+    "SyntheticVolumes",
     "VOCDataset",
     "VOCFolder",
+    "VolumesDataset",
     "build_augmentations",
     "collate_segmentation",
     "compute_edges",

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from app.crf_heads.base import StructuredHead
 from app.metrics import EdgeMetrics
+from app.pruning.callback import restore_channel_spec
 
 Batch = Mapping[str, Any]
 
@@ -258,8 +259,5 @@ class SegmentationTask(LightningModule):
     # ---- checkpoints --------------------------------------------------------------------------------
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        spec = checkpoint.get("ranp_channel_spec")
-        if spec:
-            from app.pruning import apply_channel_spec
-
-            apply_channel_spec(self.backbone, spec)
+        """Rebuild a RANP-pruned backbone's slim structure before its weights are loaded."""
+        restore_channel_spec(self.backbone, checkpoint)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 REBUILD_HINT = (
     "the compiled extension app._C is not available ({error}). Rebuild it from the repository root with\n"
     "    pip install --no-build-isolation -e .\n"
@@ -9,6 +11,7 @@ REBUILD_HINT = (
 )
 
 try:
+    # torch is imported first: it loads libc10 / libtorch, which app._C links against.
     from app import _C  # noqa: F401  (importing registers the operators with the dispatcher)
 
     LOAD_ERROR: ImportError | None = None
@@ -28,6 +31,4 @@ def require_extension() -> None:
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    import torch
-
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("app::segment_mean", "CUDA")

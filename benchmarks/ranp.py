@@ -1,0 +1,345 @@
+"""Thesis Table 5.2 (and Fig. 5.9) on synthetic data: RANP against the neuron-pruning baselines.
+
+For the 15-layer 3D-UNet on :class:`~app.datamodules.volumes.SyntheticVolumes` and MobileNetV2-3D on
+:class:`~app.datamodules.volumes.SyntheticClips`, one importance analysis (Alg. 5, ``--n-batches``
+batches) feeds every manner, as in the thesis: "sparsity" is the largest feasible *neuron* sparsity of
+vanilla NP (Alg. 6) for random, layer-wise, vanilla, weighted NP and RANP-m/f, and the largest feasible
+*parameter* sparsity for SNIP NP. Each pruned network (Glorot re-initialised, as the thesis) and the
+full one are then trained with the same budget (``--train-steps`` Adam steps, same batches) and
+evaluated on the validation split: mIoU (macro, background included) for the 3D-UNet, top-1 for
+MobileNetV2-3D. Resources are per sample: parameters (MB, float32), GFLOPs (Eq. 5.12a) and the memory of
+the layer outputs (MB, Eq. 5.12b). Also reported: the largest feasible sparsity of every manner, the time
+the pruning takes, the measured peak memory and time of one training step (full vs RANP-f), and
+Fig. 5.9-style curves of FLOPs and memory against neuron sparsity with (RANP-f) and without (vanilla NP)
+reweighting.
+
+Run (CPU-sized, trains every manner): ``python benchmarks/ranp.py``
+Thesis-scale resources (3D-UNet with base width 64 at 64^3, no training):
+``python benchmarks/ranp.py --size 64 --base-width 64 --train-steps 0 --skip-clips``
+Prints markdown tables and writes ``benchmarks/results/ranp.json`` (one entry per configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, machine, markdown_table, peak_memory_mib, timed
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from app.datamodules.volumes import SyntheticClips, SyntheticVolumes
+from app.models.nets3d import MobileNetV2_3D, UNet3D
+from app.pruning import PruningAnalysis, analyze_model, apply_selection
+
+MANNERS = (
+    ("Full", None),
+    ("SNIP NP", "snip"),
+    ("Random NP", "random"),
+    ("Layer-wise NP", "layerwise"),
+    ("Vanilla NP", "vanilla"),
+    ("Weighted NP", "weighted"),
+    ("RANP-m", "ranp_m"),
+    ("RANP-f", "ranp_f"),
+)
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+def seg_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["image"]), batch["mask"])
+
+
+def clip_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return F.cross_entropy(model(batch["image"]), batch["label"])
+
+
+def per_sample(totals: dict[str, float], batch_size: int) -> dict[str, float]:
+    """Resource totals of a batch divided by its size (parameters are not per sample)."""
+    return {
+        "params_mb": totals["params_mb"],
+        "gflops": totals["gflops"] / batch_size,
+        "memory_mb": totals["memory_mb"] / batch_size,
+    }
+
+
+def prune_all(
+    model: nn.Module, batches: list[dict], loss_fn: LossFn, lam: float, sparsity: float | None
+) -> tuple[PruningAnalysis, dict[str, Any], dict[str, nn.Module], dict[str, float], float]:
+    """One analysis, then every manner of Table 5.2 on a deep copy of ``model``, at ``sparsity`` (default
+    the protocol of the thesis: vanilla NP's largest feasible sparsity; SNIP's own for SNIP NP).
+
+    Returns:
+        The analysis, the result rows and the models by manner, the largest feasible sparsity by method
+        (Alg. 6) and the RANP-f pruning time (s).
+    """
+    start = time.perf_counter()
+    analysis = analyze_model(model, batches, loss_fn)
+    analysis_time = time.perf_counter() - start
+    batch_size = int(batches[0]["image"].shape[0])
+    max_sparsity = {method: analysis.max_sparsity(method, lam=lam) for _, method in MANNERS if method}
+    full = per_sample(analysis.resources.totals(), batch_size)
+    rows: dict[str, Any] = {"Full": {"sparsity": 0.0, **full, "reduction_pct": {}, "kept": {}}}
+    models: dict[str, nn.Module] = {"Full": copy.deepcopy(model)}
+    pruning_time = analysis_time
+    neuron_sparsity = max_sparsity["vanilla"] if sparsity is None else sparsity
+    for name, method in MANNERS[1:]:
+        kappa = max_sparsity["snip"] if method == "snip" else neuron_sparsity
+        start = time.perf_counter()
+        # keep_top: a manner that empties a layer (random NP on a small net) keeps that layer's best neuron
+        selection = analysis.select(method, kappa, lam=lam, keep_top=True)
+        pruned = copy.deepcopy(model)
+        torch.manual_seed(0)
+        report = apply_selection(pruned, analysis, selection, init="glorot")
+        if method == "ranp_f":
+            pruning_time += time.perf_counter() - start
+        after = per_sample(report.after.totals(), batch_size)
+        rows[name] = {
+            "sparsity": kappa,
+            "neuron_sparsity": report.sparsity,
+            **after,
+            "reduction_pct": {
+                k: 100.0 * (1 - after[k] / full[k]) for k in ("params_mb", "gflops", "memory_mb")
+            },
+            "kept": {layer: kept for layer, (kept, _) in report.kept.items()},
+            "repaired_layers": selection.repaired_layers,
+        }
+        models[name] = pruned
+    return analysis, rows, models, max_sparsity, pruning_time
+
+
+def curves(
+    model: nn.Module, analysis: PruningAnalysis, lam: float, points: int, batch_size: int
+) -> dict[str, list[dict[str, float]]]:
+    """Fig. 5.9: FLOPs and memory against neuron sparsity, without (vanilla NP) and with (RANP-f)
+    reweighting, from 0 to each method's largest feasible sparsity."""
+    out = {}
+    for method in ("vanilla", "ranp_f"):
+        top = analysis.max_sparsity(method, lam=lam)
+        series = []
+        for i in range(points):
+            sparsity = top * i / (points - 1)
+            pruned = copy.deepcopy(model)
+            report = apply_selection(
+                pruned, analysis, analysis.select(method, sparsity, lam=lam), init="keep"
+            )
+            series.append({"sparsity": report.sparsity, **per_sample(report.after.totals(), batch_size)})
+        out[method] = series
+    return out
+
+
+def train(model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float, seed: int) -> float:
+    """``steps`` Adam steps over ``loader`` (cycled); returns the last loss."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.zeros(())
+    done = 0
+    while done < steps:
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps:
+                break
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, num_classes: int, segmentation: bool) -> float:
+    """Validation mIoU (segmentation) or top-1 accuracy, in percent."""
+    model.eval()
+    if segmentation:
+        metric = MulticlassJaccardIndex(num_classes, average="macro")
+    else:
+        metric = MulticlassAccuracy(num_classes, average="micro")
+    for batch in loader:
+        logits = model(batch["image"])
+        metric.update(logits.argmax(1), batch["mask"] if segmentation else batch["label"])
+    return 100.0 * float(metric.compute())
+
+
+def step_cost(model: nn.Module, batch: dict, loss_fn: LossFn) -> dict[str, float]:
+    """Measured peak memory (MiB, CPU profiler) and median time (ms) of one training step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        optimizer.step()
+
+    return {
+        "peak_memory_mib": peak_memory_mib(step, "cpu"),
+        "step_ms": timed(step, "cpu", repeats=3, warmup=3),
+    }
+
+
+def run_experiment(
+    key: str,
+    title: str,
+    model: nn.Module,
+    datamodule: Any,
+    loss_fn: LossFn,
+    args: argparse.Namespace,
+    lam: float,
+    segmentation: bool,
+    num_classes: int,
+) -> dict[str, Any]:
+    prune_batches = [b for _, b in zip(range(args.n_batches), datamodule.train_dataloader())]
+    analysis, rows, models, maxima, pruning_time = prune_all(
+        model, prune_batches, loss_fn, lam, args.sparsity
+    )
+    batch_size = int(prune_batches[0]["image"].shape[0])
+    metric_name = "mIoU" if segmentation else "Top-1"
+    if args.train_steps > 0:
+        for name, net in models.items():
+            if args.train_manners and name not in args.train_manners:
+                continue
+            start = time.perf_counter()
+            # a fresh loader per manner: the same batches in the same order for every network
+            last = train(net, datamodule.train_dataloader(), loss_fn, args.train_steps, args.lr, args.seed)
+            rows[name]["train_s"] = time.perf_counter() - start
+            rows[name]["final_loss"] = last
+            rows[name][metric_name] = evaluate(net, datamodule.val_dataloader(), num_classes, segmentation)
+    payoff = {
+        "pruning_s": pruning_time,
+        "full": step_cost(copy.deepcopy(models["Full"]), prune_batches[0], loss_fn),
+        "ranp_f": step_cost(copy.deepcopy(models["RANP-f"]), prune_batches[0], loss_fn),
+    }
+    curve = curves(model, analysis, lam, args.curve_points, batch_size) if args.curve_points > 1 else {}
+
+    def cell(name: str, resource: str) -> str:
+        row = rows[name]
+        reduction = row["reduction_pct"].get(resource)
+        return f"{row[resource]:.3f}" + (f" ({reduction:.1f}↓)" if reduction is not None else "")
+
+    table = [
+        [
+            name,
+            f"{100 * rows[name]['sparsity']:.2f}",
+            cell(name, "params_mb"),
+            cell(name, "gflops"),
+            cell(name, "memory_mb"),
+            f"{rows[name][metric_name]:.2f}" if metric_name in rows[name] else "-",
+        ]
+        for name, _ in MANNERS
+    ]
+    print(f"\n### {title}\n")
+    print(
+        markdown_table(
+            ["Manner", "Sparsity(%)", "Param(MB)", "GFLOPs", "Memory(MB)", f"{metric_name}(%)"], table
+        )
+    )
+    repaired = {name: row["repaired_layers"] for name, row in rows.items() if row.get("repaired_layers")}
+    if repaired:
+        print(f"\nLayers that kept only their best neuron (the manner would have emptied them): {repaired}")
+    print("\nLargest feasible sparsity (Alg. 6; parameter sparsity for SNIP NP):")
+    print(markdown_table(["method", "max sparsity (%)"], [[m, f"{100 * v:.2f}"] for m, v in maxima.items()]))
+    full, slim = payoff["full"], payoff["ranp_f"]
+    print(
+        f"\nPruning (RANP-f, {args.n_batches} batches): {payoff['pruning_s']:.1f} s. "
+        f"One training step, full vs RANP-f: peak memory {full['peak_memory_mib']:.1f} vs "
+        f"{slim['peak_memory_mib']:.1f} MiB "
+        f"({full['peak_memory_mib'] / slim['peak_memory_mib']:.1f}x), time {full['step_ms']:.0f} vs "
+        f"{slim['step_ms']:.0f} ms ({full['step_ms'] / slim['step_ms']:.1f}x)."
+    )
+    if curve:
+        print("\nFig. 5.9: resources against neuron sparsity, w/o (vanilla NP) and w/ (RANP-f) reweighting:")
+        curve_rows = [
+            [method, f"{100 * p['sparsity']:.1f}", f"{p['gflops']:.3f}", f"{p['memory_mb']:.2f}"]
+            for method, series in curve.items()
+            for p in series
+        ]
+        print(markdown_table(["method", "sparsity(%)", "GFLOPs", "Memory(MB)"], curve_rows))
+    return {
+        "title": title,
+        "lambda": lam,
+        "sparsity": args.sparsity,
+        "n_batches": args.n_batches,
+        "train_steps": args.train_steps,
+        "manners": rows,
+        "max_sparsity": maxima,
+        "payoff": payoff,
+        "curves": curve,
+        "key": key,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=32, help="volume side (thesis: 64)")
+    parser.add_argument("--base-width", type=int, default=16, help="3D-UNet base width (thesis: 64)")
+    parser.add_argument("--classes", type=int, default=4)
+    parser.add_argument("--sparsity", type=float, default=None, help="default: vanilla NP's largest")
+    parser.add_argument("--n-batches", type=int, default=4, help="batches of the importance (Alg. 5)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--train-steps", type=int, default=120, help="0: resources only")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--train-manners", type=lambda s: s.split(","), default=None, help='e.g. "Full,RANP-f" (default: all)'
+    )
+    parser.add_argument("--lam", type=float, default=11.0, help="lambda of Eq. 5.10 (thesis ShapeNet: 11)")
+    parser.add_argument(
+        "--lam-clips", type=float, default=80.0, help="lambda for the clips (thesis UCF101: 80)"
+    )
+    parser.add_argument("--clip-frames", type=int, default=8)
+    parser.add_argument("--clip-size", type=int, default=32)
+    parser.add_argument("--clip-classes", type=int, default=8)
+    parser.add_argument("--clip-width", type=float, default=1.0, help="MobileNetV2-3D width multiplier")
+    parser.add_argument("--curve-points", type=int, default=6)
+    parser.add_argument("--skip-clips", action="store_true")
+    parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    suffix = f"_k{args.sparsity}" if args.sparsity else ""
+    if args.train_manners:
+        suffix += f"_{'+'.join(args.train_manners)}_steps{args.train_steps}".replace(" ", "")
+    results: dict[str, Any] = {}
+    path = RESULTS / "ranp.json"
+    if path.exists():
+        results = json.loads(path.read_text())
+    if not args.skip_unet:
+        torch.manual_seed(args.seed)
+        volumes = SyntheticVolumes(
+            args.classes, args.size, n_train=32, n_val=8, batch_size=args.batch_size, seed=args.seed
+        )
+        unet = UNet3D(1, args.classes, 15, base_width=args.base_width)
+        key = f"unet3d15_w{args.base_width}_s{args.size}" + suffix
+        title = f"3D-UNet (15 layers, base width {args.base_width}) on SyntheticVolumes {args.size}^3"
+        results[key] = run_experiment(key, title, unet, volumes, seg_loss, args, args.lam, True, args.classes)
+        results[key]["machine"] = machine()
+    if not args.skip_clips:
+        torch.manual_seed(args.seed)
+        clips = SyntheticClips(
+            args.clip_classes,
+            args.clip_frames,
+            args.clip_size,
+            n_train=128,
+            n_val=64,
+            batch_size=max(args.batch_size, 8),
+            seed=args.seed,
+        )
+        net = MobileNetV2_3D(args.clip_classes, width_mult=args.clip_width)
+        key = f"mobilenetv2_3d_w{args.clip_width}_t{args.clip_frames}_s{args.clip_size}" + suffix
+        frames = f"{args.clip_frames}x{args.clip_size}^2"
+        title = f"MobileNetV2-3D (width {args.clip_width}) on SyntheticClips {frames}"
+        results[key] = run_experiment(
+            key, title, net, clips, clip_loss, args, args.lam_clips, False, args.clip_classes
+        )
+        results[key]["machine"] = machine()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
