@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import albumentations as A
@@ -293,8 +293,8 @@ def seed_worker(worker_id: int) -> None:
         info.dataset.reseed(seed)
 
 
-class SegmentationDataModule(L.LightningDataModule, ABC):
-    """Dataloaders shared by the 2D datamodules. Subclasses fill ``self.datasets`` in ``setup``.
+class SplitDataModule(L.LightningDataModule, ABC):
+    """Train / val / test / predict loaders over datasets that subclasses build per split in ``_make``.
 
     Args:
         batch_size: training batch size.
@@ -302,6 +302,8 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         num_workers: DataLoader workers (``persistent_workers`` when > 0).
         seed: seed of shuffling, worker seeding and augmentation.
     """
+
+    collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default collate
 
     def __init__(self, batch_size: int, val_batch_size: int | None, num_workers: int, seed: int) -> None:
         super().__init__()
@@ -315,10 +317,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.datasets: dict[str, SegmentationDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
 
     @abstractmethod
-    def _make(self, split: str) -> SegmentationDataset:
+    def _make(self, split: str) -> Dataset:
         """Build the dataset of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
 
     def setup(self, stage: str | None = None) -> None:
@@ -342,7 +344,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_segmentation,
+            collate_fn=self.collate_fn,
             worker_init_fn=seed_worker,
             generator=generator,
         )
@@ -358,3 +360,9 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.val_batch_size, 3)
+
+
+class SegmentationDataModule(SplitDataModule):
+    """Base of the 2D datamodules: batches follow the contract of this module's docstring."""
+
+    collate_fn = staticmethod(collate_segmentation)

@@ -14,12 +14,12 @@ triple), so runs are reproducible and every rank or worker sees the same data.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from app.datamodules.common import SplitDataModule
 
 __all__ = [
     "ClipsDataset",
@@ -223,55 +223,7 @@ class ClipsDataset(Dataset):
         }
 
 
-class _SyntheticDataModule(L.LightningDataModule, ABC):
-    """Train / val / test loaders over datasets built by ``_make(split)``; shuffling is seeded."""
-
-    def __init__(self, batch_size: int, val_batch_size: int | None, num_workers: int, seed: int) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if val_batch_size is not None and val_batch_size < 1:
-            raise ValueError(f"val_batch_size must be >= 1, got {val_batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.datasets: dict[str, Dataset] = {}
-
-    @abstractmethod
-    def _make(self, split: str) -> Dataset:
-        """The dataset of ``split``."""
-
-    def _build(self) -> None:
-        """Build every split (datasets are lazy), so bad arguments fail at construction."""
-        self.datasets = {split: self._make(split) for split in SPLITS}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if split == "train" else self.val_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-
-class SyntheticVolumes(_SyntheticDataModule):
+class SyntheticVolumes(SplitDataModule):
     """Synthetic 3D segmentation volumes (see :func:`render_volume`) for the 3D-UNet experiments.
 
     Args:
@@ -303,7 +255,7 @@ class SyntheticVolumes(_SyntheticDataModule):
         self.volume_size = volume_size
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.noise_std = noise_std
-        self._build()
+        self.setup()  # datasets are lazy: building them checks the arguments now
 
     def _make(self, split: str) -> VolumesDataset:
         return VolumesDataset(
@@ -311,7 +263,7 @@ class SyntheticVolumes(_SyntheticDataModule):
         )
 
 
-class SyntheticClips(_SyntheticDataModule):
+class SyntheticClips(SplitDataModule):
     """Synthetic moving-pattern clips (see :func:`render_clip`) for MobileNetV2-3D and I3D.
 
     Args:
@@ -346,7 +298,7 @@ class SyntheticClips(_SyntheticDataModule):
         self.frame_size = frame_size
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.noise_std = noise_std
-        self._build()
+        self.setup()  # datasets are lazy: building them checks the arguments now
 
     def _make(self, split: str) -> ClipsDataset:
         return ClipsDataset(
