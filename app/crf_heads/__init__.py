@@ -3,6 +3,7 @@
 from app.crf_heads.base import HEADS, StructuredHead, create_head
 from app.crf_heads.convcrf import ConvCRF
 from app.crf_heads.message_passing import ISGMR, SGM, TRWP, MeanField, MessagePassingHead
+from app.crf_heads.superpixel import LogitConsistency, SuperpixelFusion
 
 __all__ = [
     "HEADS",
@@ -10,8 +11,10 @@ __all__ = [
     "SGM",
     "TRWP",
     "ConvCRF",
+    "LogitConsistency",
     "MeanField",
     "MessagePassingHead",
     "StructuredHead",
+    "SuperpixelFusion",
     "create_head",
 ]

@@ -36,6 +36,25 @@ class StructuredHead(nn.Module):
     def forward(self, logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward_with_losses(
+        self, logits: torch.Tensor, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Refined logits and the head's own training losses, already weighted, by name.
+
+        The task adds every loss to its objective and logs it as ``train/<name>``. Heads with a loss of
+        their own (the superpixel FCN's) override this; the default has none.
+        """
+        return self(logits, batch), {}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the head's trainable parameters.
+
+        ``lr`` is the task's ``head_lr``; heads that train parts at their own rates (a superpixel network
+        inside the head) override this. The default is one group at ``lr``.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr}] if params else []
+
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         """Raise a ``KeyError`` naming the guidance keys this head needs but the batch lacks."""
         missing = [key for key in self.required_keys if key not in batch]

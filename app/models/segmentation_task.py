@@ -25,8 +25,8 @@ class SegmentationTask(LightningModule):
 
     ``logits = backbone(image)``; with a head, ``refined = head(logits, batch)``. The loss is
     cross-entropy on the refined logits plus ``aux_loss_weight`` times the cross-entropy of the
-    pre-head logits. Validation and test log mIoU over the whole split (``MulticlassJaccardIndex``)
-    and pixel accuracy, for the final logits and, with a head, for the backbone alone (``*_backbone``),
+    pre-head logits plus the head's own losses (``StructuredHead.forward_with_losses``). Validation and
+    test log mIoU over the whole split (``MulticlassJaccardIndex``) and pixel accuracy, for the final logits and, with a head, for the backbone alone (``*_backbone``),
     and the edge F-measure and performance ratio at 1-5 px (thesis Eq. 4.15-4.16).
 
     Args:
@@ -35,7 +35,8 @@ class SegmentationTask(LightningModule):
         num_classes: class count (the CLI links it from the datamodule).
         class_names: names used in logged image panels (linked from the datamodule).
         lr: learning rate of the backbone.
-        head_lr: learning rate of the head's parameters (defaults to ``lr``).
+        head_lr: learning rate of the head's parameters (defaults to ``lr``); a head may put parts of
+            itself in groups at their own rates (``StructuredHead.param_groups``).
         weight_decay: AdamW / SGD weight decay.
         optimizer: ``adamw`` or ``sgd`` (momentum 0.9).
         scheduler: ``cosine`` (per step, to zero), ``poly`` (power 0.9, per step) or ``none``.
@@ -122,11 +123,21 @@ class SegmentationTask(LightningModule):
 
     def predict_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(final_logits, backbone_logits)``, both (B, num_classes, H, W)."""
+        logits, backbone_logits, _ = self._logits_and_head_losses(batch, with_losses=False)
+        return logits, backbone_logits
+
+    def _logits_and_head_losses(
+        self, batch: Batch, with_losses: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``predict_logits`` plus the head's own weighted losses (``StructuredHead.forward_with_losses``)."""
         backbone_logits = self.backbone(batch["image"])
         if self.head is None:
-            return backbone_logits, backbone_logits
+            return backbone_logits, backbone_logits, {}
         self.head.check_batch(batch)
-        return self.head(backbone_logits, batch), backbone_logits
+        if not with_losses:
+            return self.head(backbone_logits, batch), backbone_logits, {}
+        logits, head_losses = self.head.forward_with_losses(backbone_logits, batch)
+        return logits, backbone_logits, head_losses
 
     def _check_mask(self, mask: torch.Tensor) -> None:
         valid = mask[mask != self.ignore_index]
@@ -137,34 +148,47 @@ class SegmentationTask(LightningModule):
                 f"(ignore index {self.ignore_index}); check the datamodule's num_classes"
             )
 
-    def _loss(self, logits: torch.Tensor, backbone_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        backbone_logits: torch.Tensor,
+        mask: torch.Tensor,
+        head_losses: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         loss = F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
         if self.head is not None and self.hparams.aux_loss_weight > 0:
             aux = F.cross_entropy(backbone_logits, mask, ignore_index=self.ignore_index)
             loss = loss + self.hparams.aux_loss_weight * aux
+        for head_loss in (head_losses or {}).values():
+            loss = loss + head_loss
         return loss
+
+    def _training_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._check_mask(batch["mask"])
+        logits, backbone_logits, head_losses = self._logits_and_head_losses(batch)
+        return self._loss(logits, backbone_logits, batch["mask"], head_losses), head_losses
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss of one batch (also used by pruning at initialization)."""
-        self._check_mask(batch["mask"])
-        logits, backbone_logits = self.predict_logits(batch)
-        return self._loss(logits, backbone_logits, batch["mask"])
+        return self._training_loss(batch)[0]
 
     # ---- steps --------------------------------------------------------------------------------------
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        loss, head_losses = self._training_loss(batch)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in head_losses.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
 
     def _evaluate(self, batch: Batch, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["mask"]
         self._check_mask(mask)
-        logits, backbone_logits = self.predict_logits(batch)
+        logits, backbone_logits, head_losses = self._logits_and_head_losses(batch)
         batch_size = mask.shape[0]
-        self.log(
-            f"{stage}/loss", self._loss(logits, backbone_logits, mask), sync_dist=True, batch_size=batch_size
-        )
+        loss = self._loss(logits, backbone_logits, mask, head_losses)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=batch_size)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits, mask)
         self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val", batch_size=batch_size)
@@ -208,9 +232,7 @@ class SegmentationTask(LightningModule):
         hp = self.hparams
         groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": hp.lr}]
         if self.head is not None:
-            head_params = [p for p in self.head.parameters() if p.requires_grad]
-            if head_params:
-                groups.append({"params": head_params, "lr": hp.head_lr if hp.head_lr is not None else hp.lr})
+            groups += self.head.param_groups(hp.head_lr if hp.head_lr is not None else hp.lr)
         groups = [group for group in groups if group["params"]]
         if not groups:
             raise ValueError("SegmentationTask has no trainable parameters")

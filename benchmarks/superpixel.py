@@ -1,0 +1,184 @@
+"""Thesis Table 4.4 layout (and the edge metrics of Table 4.7) on SyntheticShapes: superpixel refinement.
+
+Protocol, as the thesis at CPU scale: 1. train the backbone (the quickstart U-Net) alone; 2. pretrain the
+superpixel FCN (Yang et al. 2020) on the training images with the label-reconstruction loss (Eq. 4.1-4.2);
+3. evaluate on the validation split: the backbone alone, + SP (logit consistency, Eq. 4.13, with SLIC
+superpixels), + SP with the FCN's hard superpixels (frozen), and + SP + TI: the backbone, the FCN and
+transparent-init fusion layers fine-tuned jointly (fixed learning rates, networks 10x the TI layers as the
+thesis' 1e-6 / 1e-7) from the trained networks. A control row fine-tunes the backbone alone on the same
+schedule, so the gain of + SP + TI is not mistaken for the gain of more training.
+Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100.
+
+    python benchmarks/superpixel.py [--epochs 6] [--fcn-steps 300] [--finetune-epochs 2] [--threads 1]
+
+Prints a markdown table and writes benchmarks/results/superpixel.json. The logit-consistency speed table
+(512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
+benchmarks/segment_mean.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import lightning as L
+import torch
+from common import machine, markdown_table, save_json
+
+from app.crf_heads import LogitConsistency, StructuredHead, SuperpixelFusion
+from app.datamodules import SyntheticShapes
+from app.models import SegmentationTask, SMPBackbone, SuperpixelFCN
+from app.models.superpixel_fcn import superpixel_loss
+
+TOLERANCES = (1, 2, 3, 4, 5)
+NUM_CLASSES = 4
+
+
+def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes:
+    return SyntheticShapes(
+        num_classes=NUM_CLASSES,
+        image_size=args.image_size,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        batch_size=16,
+        superpixels=superpixels,
+        train_augmentations=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}],
+    )
+
+
+def trainer(epochs: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def task(backbone: torch.nn.Module, head: StructuredHead | None = None, **kwargs) -> SegmentationTask:
+    return SegmentationTask(backbone, head, num_classes=NUM_CLASSES, log_images=0, **kwargs)
+
+
+def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]:
+    (metrics,) = trainer(1).validate(model, datamodule=data, verbose=False)
+    row = {"mIoU": 100 * metrics["val/mIoU"]}
+    for tolerance in TOLERANCES:
+        row[f"PR@{tolerance}"] = 100 * metrics[f"val/edge_pr@{tolerance}px"]
+        row[f"FM@{tolerance}"] = 100 * metrics[f"val/edge_f1@{tolerance}px"]
+    return row
+
+
+def pretrain_fcn(fcn: SuperpixelFCN, data: SyntheticShapes, steps: int, compactness: float) -> float:
+    """Adam on the label-reconstruction loss (Eq. 4.1-4.2); returns the final loss."""
+    data.setup("fit")
+    optimizer = torch.optim.Adam(fcn.parameters(), lr=2e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    fcn.train()
+    step, loss = 0, torch.tensor(0.0)
+    while step < steps:
+        for batch in data.train_dataloader():
+            one_hot = torch.nn.functional.one_hot(batch["mask"], NUM_CLASSES).permute(0, 3, 1, 2).float()
+            property_term, position_term = superpixel_loss(
+                fcn(batch["image"]), one_hot, fcn.cell_size, compactness
+            )
+            loss = property_term + position_term
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if step == steps:
+                break
+    return float(loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--epochs", type=int, default=6, help="backbone training epochs")
+    parser.add_argument("--fcn-steps", type=int, default=300, help="superpixel FCN pretraining steps")
+    parser.add_argument("--finetune-epochs", type=int, default=2, help="joint fine-tuning epochs")
+    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="networks; TI layers get 1/10")
+    parser.add_argument("--superpixel-loss-weight", type=float, default=1.0)
+    parser.add_argument("--cell-size", type=int, default=8, help="FCN grid cell (pixels)")
+    parser.add_argument("--compactness", type=float, default=0.003, help="m of Eq. 4.1")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-val", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, verbose=False)
+    started = time.perf_counter()
+    timings = {}
+
+    # SLIC with about as many segments as the FCN's grid has cells.
+    slic_segments = (args.image_size // args.cell_size) ** 2
+    data = shapes(args, superpixels=slic_segments)
+    plain_data = shapes(args, superpixels=None)  # training needs no SLIC
+
+    backbone = SMPBackbone(
+        "Unet",
+        "resnet18",
+        num_classes=NUM_CLASSES,
+        arch_kwargs={"decoder_channels": [128, 64, 32, 16, 16]},
+    )
+    trainer(args.epochs).fit(task(backbone, lr=2e-3), datamodule=plain_data)
+    timings["backbone_s"] = time.perf_counter() - started
+
+    fcn = SuperpixelFCN(cell_size=args.cell_size)
+    fcn_loss = pretrain_fcn(fcn, plain_data, args.fcn_steps, args.compactness)
+    timings["fcn_s"] = time.perf_counter() - started - timings["backbone_s"]
+
+    rows = {
+        "backbone alone": evaluate(task(backbone), data),
+        "+ SP (SLIC)": evaluate(task(backbone, LogitConsistency()), data),
+        "+ SP (superpixel FCN)": evaluate(
+            task(backbone, LogitConsistency(copy.deepcopy(fcn), train_fcn=False)), data
+        ),
+    }
+
+    lr = args.finetune_lr
+    fine_tuned = task(copy.deepcopy(backbone), lr=lr, scheduler="none")
+    trainer(args.finetune_epochs).fit(fine_tuned, datamodule=plain_data)
+    rows["backbone fine-tuned alone (control)"] = evaluate(task(fine_tuned.backbone), data)
+
+    head = SuperpixelFusion(
+        copy.deepcopy(fcn),
+        fcn_lr=lr,
+        superpixel_loss_weight=args.superpixel_loss_weight,
+        compactness=args.compactness,
+        hidden_features=(32, 32),
+    )
+    joint = task(copy.deepcopy(backbone), head, lr=lr, head_lr=lr / 10, scheduler="none")
+    at_init = evaluate(joint, data)
+    trainer(args.finetune_epochs).fit(joint, datamodule=plain_data)
+    rows["+ SP + TI (joint fine-tuning)"] = evaluate(joint, data)
+    timings["total_s"] = time.perf_counter() - started
+
+    headers = ["manner", "mIoU", *(f"PR@{t}" for t in TOLERANCES), *(f"FM@{t}" for t in TOLERANCES)]
+    table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in rows.items()]
+    title = (
+        f"SyntheticShapes {NUM_CLASSES} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
+        f"backbone {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
+        f"fine-tuning {args.finetune_epochs} epochs at {lr:g} / TI {lr / 10:g}; SLIC n_segments "
+        f"{slic_segments}, FCN cell {args.cell_size}px; {machine()}; {timings['total_s'] / 60:.1f} min"
+    )
+    print(title)
+    print(markdown_table(headers, table))
+    print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
+    path = save_json(
+        "superpixel",
+        {"title": title, "args": vars(args), "rows": rows, "at_init": at_init, "timings_s": timings},
+    )
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.crf_heads import HEADS, LogitConsistency, SuperpixelFusion
+from app.models import SegmentationTask, SuperpixelFCN
+from app.models.superpixel_fcn import (
+    NEIGHBOUR_OFFSETS,
+    cell_grid,
+    hard_superpixels,
+    neighbour_mask,
+    soft_superpixel_mean,
+    superpixel_loss,
+)
+from app.ops import segment_mean
+from app.ops.reference import segment_mean_reference
+
+
+def own_cell_association(batch: int, height: int, width: int) -> torch.Tensor:
+    """Q that puts every pixel in its own grid cell (channel 4)."""
+    association = torch.zeros(batch, 9, height, width)
+    association[:, 4] = 1
+    return association
+
+
+def grid_ids(height: int, width: int, cell_size: int) -> torch.Tensor:
+    _, cols = cell_grid(height, width, cell_size)
+    rows_of = torch.arange(height)[:, None] // cell_size
+    cols_of = torch.arange(width)[None, :] // cell_size
+    return rows_of * cols + cols_of
+
+
+@pytest.mark.parametrize(("height", "width"), [(37, 53), (8, 8), (5, 19)])
+def test_fcn_any_size_gives_a_distribution_over_valid_neighbours(height, width):
+    fcn = SuperpixelFCN(cell_size=4, widths=(4, 8, 8)).eval()
+    with torch.no_grad():
+        association = fcn(torch.randn(2, 3, height, width))
+    assert association.shape == (2, 9, height, width)
+    torch.testing.assert_close(association.sum(1), torch.ones(2, height, width))
+    outside = ~neighbour_mask(height, width, 4)
+    assert float(association[:, outside].abs().max()) == 0.0
+
+
+def test_fcn_pads_by_replication_and_crops_back():
+    fcn = SuperpixelFCN(cell_size=8, widths=(4, 8, 8, 8)).eval()  # stride 8
+    image = torch.randn(1, 3, 37, 53)  # padded to 40 x 56: the same 5 x 7 grid of cells
+    padded = F.pad(image, (0, 3, 0, 3), mode="replicate")
+    with torch.no_grad():
+        torch.testing.assert_close(fcn(image), fcn(padded)[:, :, :37, :53])
+
+
+def test_loss_terms_match_a_hand_computation():
+    # A 1 x 2 image with 1-pixel cells: pixel 0 is in cell 0 with q = a (cell 1: 1 - a), pixel 1 in cell 1
+    # with q = b (cell 0: 1 - b); labels 0 and 1; coordinates x = 0 and 1.
+    a, b, m = 0.8, 0.6, 0.5
+    association = torch.zeros(1, 9, 1, 2, dtype=torch.float64)
+    association[0, 4, 0, 0], association[0, 5, 0, 0] = a, 1 - a  # own, right neighbour
+    association[0, 4, 0, 1], association[0, 3, 0, 1] = b, 1 - b  # own, left neighbour
+    labels = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)[None]  # (1, 2, 1, 2) one-hot
+    u0 = torch.tensor([a, 1 - b], dtype=torch.float64) / (a + 1 - b)  # superpixel 0's label distribution
+    u1 = torch.tensor([1 - a, b], dtype=torch.float64) / (1 - a + b)
+    recon0, recon1 = a * u0 + (1 - a) * u1, (1 - b) * u0 + b * u1
+    expected_property = (-math.log(recon0[0]) - math.log(recon1[1])) / 2
+    l0, l1 = (1 - b) / (a + 1 - b), b / (1 - a + b)  # x of the superpixel centres
+    c0, c1 = a * l0 + (1 - a) * l1, (1 - b) * l0 + b * l1
+    expected_position = (abs(0 - c0) + abs(1 - c1)) / 2 * m / 1
+    property_term, position_term = superpixel_loss(association, labels, 1, compactness=m)
+    assert float(property_term) == pytest.approx(expected_property, rel=1e-9)
+    assert float(position_term) == pytest.approx(expected_position, rel=1e-9)
+    colour_term, _ = superpixel_loss(association, labels, 1, compactness=m, property_loss="l2")
+    expected_colour = (
+        float((labels[0, :, 0, 0] - recon0).norm()) + float((labels[0, :, 0, 1] - recon1).norm())
+    ) / 2
+    assert float(colour_term) == pytest.approx(expected_colour, rel=1e-9)
+
+
+def test_loss_ignores_invalid_pixels():
+    association = torch.softmax(torch.randn(1, 9, 6, 6), 1) * neighbour_mask(6, 6, 3)
+    association = association / association.sum(1, keepdim=True)
+    labels = F.one_hot(torch.randint(0, 3, (1, 6, 6)), 3).permute(0, 3, 1, 2).float()
+    valid = torch.ones(1, 6, 6, dtype=torch.bool)
+    valid[0, :2] = False
+    changed = labels.clone()
+    changed[0, :, :2] = torch.tensor([0.0, 0.0, 1.0])[:, None, None]
+    first = superpixel_loss(association, labels, 3, valid=valid)
+    second = superpixel_loss(association, changed, 3, valid=valid)
+    torch.testing.assert_close(first, second)
+
+
+def test_own_cell_association_pools_like_segment_mean_over_the_grid():
+    values = torch.randn(2, 3, 11, 13)
+    pooled = soft_superpixel_mean(values, own_cell_association(2, 11, 13), 4)
+    ids = grid_ids(11, 13, 4).expand(2, -1, -1)
+    torch.testing.assert_close(pooled, segment_mean_reference(values, ids))
+    assert torch.equal(hard_superpixels(own_cell_association(2, 11, 13), 4), ids)
+
+
+def test_hard_map_ids_are_neighbour_cells_of_the_pixel():
+    height, width, cell = 21, 30, 4
+    rows, cols = cell_grid(height, width, cell)
+    association = torch.softmax(torch.randn(3, 9, height, width) * 5, 1)  # some point outside the grid
+    ids = hard_superpixels(association, cell)
+    assert ids.dtype == torch.int64 and ids.shape == (3, height, width)
+    assert int(ids.min()) >= 0 and int(ids.max()) < rows * cols
+    own = grid_ids(height, width, cell)
+    neighbour_ids = torch.stack([own + dy * cols + dx for dy, dx in NEIGHBOUR_OFFSETS])
+    assert bool((ids[:, None] == neighbour_ids).any(1).all())
+    row_step = (ids // cols - own // cols).abs()
+    col_step = (ids % cols - own % cols).abs()
+    assert int(row_step.max()) <= 1 and int(col_step.max()) <= 1  # no wrap-around across rows
+
+
+def slic_batch(batch: int = 2, height: int = 12, width: int = 16) -> dict:
+    superpixels = (torch.arange(height)[:, None] // 3 * 10 + torch.arange(width)[None, :] // 5).expand(
+        batch, -1, -1
+    )
+    return {
+        "image": torch.randn(batch, 3, height, width),
+        "image_raw": torch.rand(batch, 3, height, width),
+        "mask": torch.randint(0, 4, (batch, height, width)),
+        "superpixels": superpixels.contiguous(),
+    }
+
+
+@pytest.mark.parametrize("source", ["slic", "fcn"])
+def test_fusion_head_at_init_is_logit_consistency(source):
+    batch = slic_batch()
+    fcn = SuperpixelFCN(cell_size=4, widths=(4, 8)) if source == "fcn" else None
+    head = SuperpixelFusion(superpixel_fcn=fcn, hidden_features=(16, 16))
+    head.set_num_classes(4)
+    logits = torch.randn(2, 4, 12, 16) * 5
+    refined = head(logits, batch)
+    if fcn is None:
+        segments = batch["superpixels"]
+    else:
+        segments = hard_superpixels(fcn(batch["image"]), 4)
+    torch.testing.assert_close(refined, segment_mean(logits, segments), rtol=1e-5, atol=1e-4)
+    plain = LogitConsistency(superpixel_fcn=fcn)
+    torch.testing.assert_close(plain(logits, batch), segment_mean(logits, segments))
+
+
+def test_gradients_reach_logits_transparent_layers_and_fcn():
+    batch = slic_batch()
+    fcn = SuperpixelFCN(cell_size=4, widths=(4, 8))
+    head = SuperpixelFusion(superpixel_fcn=fcn, hidden_features=(8, 8), superpixel_loss_weight=1.0)
+    head.set_num_classes(4)
+    logits = torch.randn(2, 4, 12, 16, requires_grad=True)
+    refined, losses = head.forward_with_losses(logits, batch)
+    assert set(losses) == {"superpixel_loss"}
+    (F.cross_entropy(refined, batch["mask"]) + losses["superpixel_loss"]).backward()
+    assert float(logits.grad.abs().sum()) > 0
+    assert all(float(p.grad.abs().sum()) > 0 for p in head.transparent.parameters())
+    assert float(fcn.predict.weight.grad.abs().sum()) > 0
+    # The segmentation loss alone reaches the FCN through the soft pooled logits.
+    fcn.zero_grad()
+    F.cross_entropy(head(logits, batch), batch["mask"]).backward()
+    assert float(fcn.predict.weight.grad.abs().sum()) > 0
+
+
+def test_frozen_fcn_gets_no_loss_and_stays_in_eval_mode():
+    fcn = SuperpixelFCN(cell_size=4, widths=(4, 8))
+    head = LogitConsistency(superpixel_fcn=fcn, train_fcn=False, superpixel_loss_weight=1.0).train()
+    assert not fcn.training and not any(p.requires_grad for p in fcn.parameters())
+    _, losses = head.forward_with_losses(torch.randn(2, 4, 12, 16), slic_batch())
+    assert losses == {}
+    assert head.param_groups(0.1) == []
+
+
+def test_task_trains_with_head_losses_and_separate_learning_rates():
+    head = HEADS.create(
+        "superpixel_fusion",
+        superpixel_fcn=SuperpixelFCN(cell_size=4, widths=(4, 8)),
+        fcn_lr=0.01,
+        superpixel_loss_weight=0.5,
+        hidden_features=(8, 8),
+    )
+    backbone = torch.nn.Conv2d(3, 4, 1)
+    task = SegmentationTask(backbone, head, num_classes=4, lr=0.1, head_lr=0.001, scheduler="none")
+    groups = task.configure_optimizers()["optimizer"].param_groups
+    by_lr = {group["lr"]: {id(p) for p in group["params"]} for group in groups}
+    assert by_lr[0.1] == {id(p) for p in backbone.parameters()}
+    assert by_lr[0.01] == {id(p) for p in head.superpixel_fcn.parameters()}
+    assert by_lr[0.001] == {id(p) for p in head.transparent.parameters()}
+    batch = slic_batch()
+    logits, backbone_logits = task.predict_logits(batch)
+    plain = F.cross_entropy(logits, batch["mask"])
+    _, losses = head.forward_with_losses(backbone_logits, batch)
+    torch.testing.assert_close(task.compute_loss(batch), plain + losses["superpixel_loss"])
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="cell_size"):
+        SuperpixelFCN(cell_size=0)
+    with pytest.raises(ValueError, match="widths"):
+        SuperpixelFCN(widths=(16,))
+    with pytest.raises(ValueError, match="channels"):
+        SuperpixelFCN(widths=(4, 8))(torch.randn(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="association"):
+        hard_superpixels(torch.rand(1, 8, 4, 4), 2)
+    with pytest.raises(ValueError, match="property_loss"):
+        superpixel_loss(own_cell_association(1, 4, 4), torch.rand(1, 3, 4, 4), 2, property_loss="l1")
+    with pytest.raises(ValueError, match="fcn_checkpoint"):
+        LogitConsistency(fcn_checkpoint="x.pt")
+    with pytest.raises(ValueError, match="superpixel_property"):
+        LogitConsistency(superpixel_property="depth")
+    with pytest.raises(ValueError, match="hidden_features"):
+        SuperpixelFusion(hidden_features=(4, 4)).set_num_classes(4)  # below 2C = 8
+    head = SuperpixelFusion(hidden_features=(8, 8))
+    head.set_num_classes(4)
+    with pytest.raises(ValueError, match="channels"):
+        head(torch.randn(2, 3, 12, 16), slic_batch())
+    with pytest.raises(KeyError, match="superpixels"):
+        head.check_batch({"image": torch.randn(1, 3, 4, 4)})
+    batch = slic_batch()
+    batch["superpixels"] = batch["superpixels"][:, :6]
+    with pytest.raises(ValueError, match="superpixels"):
+        LogitConsistency()(torch.randn(2, 4, 12, 16), batch)
