@@ -56,6 +56,7 @@ def trainer(epochs: int) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        inference_mode=False,  # the joint task is validated before and after fitting: no inference tensors
     )
 
 
@@ -66,9 +67,8 @@ def task(backbone: torch.nn.Module, head: StructuredHead | None = None, **kwargs
 def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]:
     (metrics,) = trainer(1).validate(model, datamodule=data, verbose=False)
     row = {"mIoU": 100 * metrics["val/mIoU"]}
-    for tolerance in TOLERANCES:
-        row[f"PR@{tolerance}"] = 100 * metrics[f"val/edge_pr@{tolerance}px"]
-        row[f"FM@{tolerance}"] = 100 * metrics[f"val/edge_f1@{tolerance}px"]
+    row.update({f"PR@{t}": 100 * metrics[f"val/edge_pr@{t}px"] for t in TOLERANCES})
+    row.update({f"FM@{t}": 100 * metrics[f"val/edge_f1@{t}px"] for t in TOLERANCES})
     return row
 
 

@@ -1,9 +1,13 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from test_cli import csv_logger, last_metrics
 
+from app.cli import build_cli
 from app.crf_heads import HEADS, LogitConsistency, SuperpixelFusion
 from app.models import SegmentationTask, SuperpixelFCN
 from app.models.superpixel_fcn import (
@@ -16,6 +20,8 @@ from app.models.superpixel_fcn import (
 )
 from app.ops import segment_mean
 from app.ops.reference import segment_mean_reference
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def own_cell_association(batch: int, height: int, width: int) -> torch.Tensor:
@@ -217,3 +223,25 @@ def test_bad_inputs_name_the_problem():
     batch["superpixels"] = batch["superpixels"][:, :6]
     with pytest.raises(ValueError, match="superpixels"):
         LogitConsistency()(torch.randn(2, 4, 12, 16), batch)
+
+
+def test_superpixel_config_fits_through_the_cli(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/superpixel_shapes.yaml").read_text())
+    config["trainer"].update(
+        default_root_dir=str(tmp_path),
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=csv_logger(tmp_path),
+        callbacks=[],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    config["data"]["init_args"].update(image_size=32, n_train=8, n_val=4, batch_size=4)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = build_cli(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 2
+    assert isinstance(cli.model.head, SuperpixelFusion)
+    assert last_metrics(tmp_path, "run", "train/superpixel_loss")
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/mIoU"]) <= 1.0
+    assert "val/edge_f1@2px" in cli.trainer.callback_metrics
