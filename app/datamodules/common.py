@@ -146,19 +146,28 @@ def normalize(image_raw: torch.Tensor) -> torch.Tensor:
     return (image_raw - mean) / std
 
 
-def compute_superpixels(image_raw: np.ndarray, n_segments: int) -> np.ndarray:
+def compute_superpixels(
+    image_raw: np.ndarray, n_segments: int, compactness: float = 10.0, sigma: float = 1.0
+) -> np.ndarray:
     """SLIC superpixels.
 
     Args:
         image_raw: (H, W, 3) float in [0, 1].
         n_segments: approximate number of segments (SLIC ``n_segments``).
+        compactness: SLIC ``compactness`` (colour vs space, in CIELAB units).
+        sigma: Gaussian smoothing before SLIC. On noisy images unsmoothed SLIC merges most segments
+            (SyntheticShapes at 96 px: 38 of 144 asked for, 0.90 achievable accuracy; 0.97 with sigma 1).
 
     Returns:
         (H, W) int64 segment ids starting at 0.
     """
     if n_segments < 1:
         raise ValueError(f"n_segments must be >= 1, got {n_segments}")
-    segments = slic(image_raw, n_segments=n_segments, start_label=0, channel_axis=-1)
+    if compactness <= 0 or sigma < 0:
+        raise ValueError(f"compactness must be > 0 and sigma >= 0, got {compactness} and {sigma}")
+    segments = slic(
+        image_raw, n_segments=n_segments, compactness=compactness, sigma=sigma, start_label=0, channel_axis=-1
+    )
     return segments.astype(np.int64)
 
 
@@ -185,6 +194,8 @@ class SegmentationDataset(Dataset, ABC):
         superpixels: SLIC ``n_segments`` for the ``superpixels`` key, or None for no superpixels.
         edges: add the ``edges`` key.
         edge_sigma: Canny smoothing.
+        superpixel_compactness, superpixel_sigma: SLIC compactness and smoothing
+            (:func:`compute_superpixels`).
         seed: seed of the augmentation pipeline (workers reseed it, see :func:`seed_worker`).
         extra_transforms: transforms appended after the configured ones (e.g. a training crop).
         where: name used in error messages.
@@ -196,6 +207,8 @@ class SegmentationDataset(Dataset, ABC):
         superpixels: int | None = None,
         edges: bool = False,
         edge_sigma: float = 1.0,
+        superpixel_compactness: float = 10.0,
+        superpixel_sigma: float = 1.0,
         seed: int = 0,
         extra_transforms: Sequence[A.BasicTransform] = (),
         where: str = "augmentations",
@@ -210,6 +223,8 @@ class SegmentationDataset(Dataset, ABC):
         self.superpixels = superpixels
         self.edges = edges
         self.edge_sigma = edge_sigma
+        self.superpixel_compactness = superpixel_compactness
+        self.superpixel_sigma = superpixel_sigma
         self._guidance_cache: dict[int, dict[str, torch.Tensor]] = {}
 
     @abstractmethod
@@ -251,7 +266,9 @@ class SegmentationDataset(Dataset, ABC):
             return self._guidance_cache[index]
         guidance = {}
         if self.superpixels is not None:
-            guidance["superpixels"] = torch.from_numpy(compute_superpixels(raw, self.superpixels))
+            guidance["superpixels"] = torch.from_numpy(
+                compute_superpixels(raw, self.superpixels, self.superpixel_compactness, self.superpixel_sigma)
+            )
         if self.edges:
             guidance["edges"] = torch.from_numpy(compute_edges(raw, self.edge_sigma))
         if self.deterministic and guidance:

@@ -200,6 +200,8 @@ class SyntheticShapes(SegmentationDataModule):
         superpixels: SLIC ``n_segments`` for a ``superpixels`` batch key, or None.
         edges: add a Canny ``edges`` batch key.
         edge_sigma: Canny smoothing sigma.
+        superpixel_compactness: SLIC compactness.
+        superpixel_sigma: Gaussian smoothing before SLIC (pixels).
         val_batch_size: batch size of val / test / predict (None: ``batch_size``).
         cache: keep generated images in memory.
     """
@@ -221,6 +223,8 @@ class SyntheticShapes(SegmentationDataModule):
         superpixels: int | None = None,
         edges: bool = False,
         edge_sigma: float = 1.0,
+        superpixel_compactness: float = 10.0,
+        superpixel_sigma: float = 1.0,
         val_batch_size: int | None = None,
         cache: bool = True,
     ) -> None:
@@ -251,6 +255,8 @@ class SyntheticShapes(SegmentationDataModule):
         self.superpixels = superpixels
         self.edges = edges
         self.edge_sigma = edge_sigma
+        self.superpixel_compactness = superpixel_compactness
+        self.superpixel_sigma = superpixel_sigma
         self.cache = cache
         # Build once so that bad augmentation configs fail at construction.
         for split in ("train", "val"):
@@ -270,5 +276,7 @@ class SyntheticShapes(SegmentationDataModule):
             superpixels=self.superpixels,
             edges=self.edges,
             edge_sigma=self.edge_sigma,
+            superpixel_compactness=self.superpixel_compactness,
+            superpixel_sigma=self.superpixel_sigma,
             where=f"{'train' if split == 'train' else 'val'}_augmentations",
         )

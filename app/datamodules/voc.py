@@ -177,6 +177,8 @@ class VOCFolder(SegmentationDataModule):
         superpixels: SLIC ``n_segments`` for a ``superpixels`` batch key, or None.
         edges: add a Canny ``edges`` batch key.
         edge_sigma: Canny smoothing sigma.
+        superpixel_compactness: SLIC compactness.
+        superpixel_sigma: Gaussian smoothing before SLIC (pixels).
 
     Raises:
         FileNotFoundError: ``root`` is not a directory (at construction); a split list is missing (setup).
@@ -197,6 +199,8 @@ class VOCFolder(SegmentationDataModule):
         superpixels: int | None = None,
         edges: bool = False,
         edge_sigma: float = 1.0,
+        superpixel_compactness: float = 10.0,
+        superpixel_sigma: float = 1.0,
     ) -> None:
         super().__init__(batch_size, val_batch_size, num_workers, seed)
         if not Path(root).is_dir():
@@ -226,6 +230,8 @@ class VOCFolder(SegmentationDataModule):
         self.superpixels = superpixels
         self.edges = edges
         self.edge_sigma = edge_sigma
+        self.superpixel_compactness = superpixel_compactness
+        self.superpixel_sigma = superpixel_sigma
         # Bad augmentation configs fail at construction, not at the first batch.
         build_augmentations(train_augmentations, where="train_augmentations")
         build_augmentations(val_augmentations, where="val_augmentations")
@@ -255,6 +261,8 @@ class VOCFolder(SegmentationDataModule):
             superpixels=self.superpixels,
             edges=self.edges,
             edge_sigma=self.edge_sigma,
+            superpixel_compactness=self.superpixel_compactness,
+            superpixel_sigma=self.superpixel_sigma,
             seed=self.seed + {"train": 0, "val": 1, "test": 2}[split],
             extra_transforms=extra,
             where="train_augmentations" if train else "val_augmentations",
