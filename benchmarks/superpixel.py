@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="networks; TI layers get 1/10")
     parser.add_argument("--superpixel-loss-weight", type=float, default=1.0)
     parser.add_argument("--cell-size", type=int, default=8, help="FCN grid cell (pixels)")
+    parser.add_argument("--fcn-widths", type=int, nargs="+", default=[8, 16, 32, 32], help="FCN channels")
     parser.add_argument("--compactness", type=float, default=0.003, help="m of Eq. 4.1")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--n-train", type=int, default=256)
@@ -137,7 +138,7 @@ def main() -> None:
     trainer(args.epochs).fit(task(backbone, lr=2e-3), datamodule=plain_data)
     timings["backbone_s"] = time.perf_counter() - started
 
-    fcn = SuperpixelFCN(cell_size=args.cell_size, widths=(8, 16, 32, 32))
+    fcn = SuperpixelFCN(cell_size=args.cell_size, widths=args.fcn_widths)
     fcn_loss = pretrain_fcn(fcn, plain_data, args.fcn_steps, args.compactness)
     timings["fcn_s"] = time.perf_counter() - started - timings["backbone_s"]
 

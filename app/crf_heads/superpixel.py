@@ -172,7 +172,8 @@ class SuperpixelFusion(LogitConsistency):
         activation: activation between the transparent layers (``relu``, ``leaky_relu``, ``softplus``,
             ``log_sigmoid`` or None).
         seed: seed of the transparent layers' random weights.
-        **kwargs: see :class:`LogitConsistency`.
+
+    The other arguments are those of :class:`LogitConsistency`.
     """
 
     def __init__(
