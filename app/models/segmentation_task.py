@@ -27,7 +27,8 @@ class SegmentationTask(LightningModule):
     cross-entropy on the refined logits plus ``aux_loss_weight`` times the cross-entropy of the
     pre-head logits plus the head's own losses (``StructuredHead.forward_with_losses``). Validation and
     test log mIoU over the whole split (``MulticlassJaccardIndex``) and pixel accuracy, for the final
-    logits and, with a head, for the backbone alone (``*_backbone``), and the edge F-measure and performance ratio at 1-5 px (thesis Eq. 4.15-4.16).
+    logits and, with a head, for the backbone alone (``*_backbone``), and the edge F-measure and
+    performance ratio at 1-5 px (thesis Eq. 4.15-4.16).
 
     Args:
         backbone: image ``(B, 3, H, W)`` -> logits ``(B, num_classes, H, W)``, e.g. ``SMPBackbone``.
