@@ -1,6 +1,6 @@
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 from app.crf_heads import StructuredHead
@@ -172,3 +172,36 @@ def test_frozen_backbone_from_checkpoint_trains_the_head_only(tmp_path):
     task.compute_loss(make_batch()).backward()
     assert all(p.grad is None for p in backbone.parameters())
     assert torch.equal(backbone[1].running_mean, running_mean)
+
+
+def test_head_warmup_trains_the_backbone_alone_first(tmp_path):
+    """head_warmup_epochs=1: epoch 0 skips the head (its parameter stays put), epoch 1 trains it."""
+    loader = torch.utils.data.DataLoader(TinyLoader(), batch_size=4)
+    head = ScaleHead()
+    task = SegmentationTask(
+        ConvBackbone(), head=head, num_classes=3, head_warmup_epochs=1, aux_loss_weight=0.5
+    )
+    scales = []
+
+    class RecordScale(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            scales.append(float(module.head.scale))
+
+    trainer = Trainer(
+        max_epochs=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[RecordScale()],
+    )
+    trainer.fit(task, loader, loader)
+    assert scales[0] == 2.0 and scales[1] != 2.0
+    assert not task.in_head_warmup()  # outside fit the head always runs
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            task(batch["image"], batch), task.head(task.backbone(batch["image"]), batch)
+        )
+    with pytest.raises(ValueError, match="head_warmup_epochs"):
+        SegmentationTask(ConvBackbone(), head=ScaleHead(), num_classes=3, head_warmup_epochs=-1)
