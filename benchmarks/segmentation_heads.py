@@ -52,12 +52,12 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
     "sgm8": (
         "+ SGM-8",
         "trwp_shapes.yaml",
-        head_override("SGM", n_directions=8, n_iterations=1, term_weight=5.0, log_softmax=True),
+        head_override("SGM", n_directions=8, n_iterations=1, term_weight=1.0, log_softmax=True),
     ),
     "mf4": (
         "+ MF-4",
         "trwp_shapes.yaml",
-        head_override("MeanField", n_directions=4, n_iterations=5, term_weight=5.0, log_softmax=True),
+        head_override("MeanField", n_directions=4, n_iterations=5, term_weight=1.0, log_softmax=True),
     ),
     "isgmr8": ("+ ISGMR-8", "isgmr_shapes.yaml", []),
     "trwp4": ("+ TRWP-4", "trwp_shapes.yaml", []),
@@ -80,6 +80,7 @@ def common_overrides(args: argparse.Namespace, epochs: int, root: Path) -> list[
         f"--data.init_args.image_size={args.image_size}",
         f"--data.init_args.n_train={args.n_train}",
         f"--data.init_args.n_val={args.n_val}",
+        "--model.init_args.head_warmup_epochs=0",  # the rows with a head start from a trained backbone
     ]
 
 
@@ -103,11 +104,18 @@ def main() -> None:
     parser.add_argument("--protocol", choices=("finetune", "joint"), default="finetune")
     parser.add_argument("--pretrain-epochs", type=int, default=6)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument(
+        "--finetune-lr", type=float, default=2e-4, help="backbone learning rate of every fine-tuning row"
+    )
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--n-train", type=int, default=512)
     parser.add_argument("--n-val", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--checkpoint", type=Path, help="reuse this pretrained quickstart checkpoint")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="pretrained quickstart checkpoint: reused if it exists, else written there",
+    )
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the trainings get their arguments from build_cli(args=...)
     rows = args.rows.split(",")
@@ -118,10 +126,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="segmentation_heads_"))
     needs_checkpoint = args.protocol == "finetune" or "convcrf_decoupled" in rows
-    checkpoint = args.checkpoint
+    checkpoint = args.checkpoint or root / "pretrained.ckpt"
     pretrain_seconds = 0.0
-    if needs_checkpoint and checkpoint is None:
-        checkpoint = root / "pretrained.ckpt"
+    if needs_checkpoint and not checkpoint.exists():
         pretrained, pretrain_seconds = train(
             "quickstart.yaml", common_overrides(args, args.pretrain_epochs, root), save_to=checkpoint
         )
@@ -137,6 +144,7 @@ def main() -> None:
         overrides = common_overrides(args, epochs, root) + extra
         if from_checkpoint:
             overrides.append(f"--model.init_args.backbone_checkpoint={checkpoint}")
+            overrides.append(f"--model.init_args.lr={args.finetune_lr}")
         metrics, seconds = train(config, overrides)
         result = {
             "row": row,
