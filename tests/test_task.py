@@ -125,17 +125,24 @@ class TinyLoader(torch.utils.data.Dataset):
         return {key: value[0] for key, value in self.samples[index].items()}
 
 
-def test_fit_logs_epoch_metrics_for_head_and_backbone(tmp_path):
+def fit_two_epochs(task, tmp_path, callbacks=()):
+    """Fit ``task`` for 2 epochs on TinyLoader (train and val) without logger or checkpoints."""
     loader = torch.utils.data.DataLoader(TinyLoader(), batch_size=4)
-    task = SegmentationTask(ConvBackbone(), head=ScaleHead(), num_classes=3)
     trainer = Trainer(
         max_epochs=2,
         default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        callbacks=list(callbacks),
     )
     trainer.fit(task, loader, loader)
+    return trainer
+
+
+def test_fit_logs_epoch_metrics_for_head_and_backbone(tmp_path):
+    task = SegmentationTask(ConvBackbone(), head=ScaleHead(), num_classes=3)
+    trainer = fit_two_epochs(task, tmp_path)
     metrics = trainer.callback_metrics
     for key in (
         "val/mIoU",
@@ -176,10 +183,8 @@ def test_frozen_backbone_from_checkpoint_trains_the_head_only(tmp_path):
 
 def test_head_warmup_trains_the_backbone_alone_first(tmp_path):
     """head_warmup_epochs=1: epoch 0 skips the head (its parameter stays put), epoch 1 trains it."""
-    loader = torch.utils.data.DataLoader(TinyLoader(), batch_size=4)
-    head = ScaleHead()
     task = SegmentationTask(
-        ConvBackbone(), head=head, num_classes=3, head_warmup_epochs=1, aux_loss_weight=0.5
+        ConvBackbone(), head=ScaleHead(), num_classes=3, head_warmup_epochs=1, aux_loss_weight=0.5
     )
     scales = []
 
@@ -187,15 +192,7 @@ def test_head_warmup_trains_the_backbone_alone_first(tmp_path):
         def on_train_epoch_end(self, trainer, module):
             scales.append(float(module.head.scale))
 
-    trainer = Trainer(
-        max_epochs=2,
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        callbacks=[RecordScale()],
-    )
-    trainer.fit(task, loader, loader)
+    fit_two_epochs(task, tmp_path, [RecordScale()])
     assert scales[0] == 2.0 and scales[1] != 2.0
     assert not task.in_head_warmup()  # outside fit the head always runs
     batch = make_batch()
