@@ -31,6 +31,29 @@ def test_any_input_size(height, width, blur):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(("height", "width", "blur"), [(29, 23, 4), (17, 30, 3), (13, 13, 2)])
+def test_blur_that_does_not_divide_pads_like_a_padded_input(height, width, blur):
+    """One iteration on an (H, W) not divisible by blur equals the run on the replicate-padded input, cropped."""
+    head = ConvCRF(filter_size=5, blur=blur, n_iterations=1, theta_alpha=10.0, theta_beta=0.3)
+    head.set_num_classes(3)
+    logits = torch.randn(2, 3, height, width, dtype=torch.float64)
+    image = torch.rand(2, 3, height, width, dtype=torch.float64)
+    pad = (0, -width % blur, 0, -height % blur)
+    padded = head(F.pad(logits, pad, mode="replicate"), batch_of(F.pad(image, pad, mode="replicate")))
+    torch.testing.assert_close(head(logits, batch_of(image)), padded[..., :height, :width])
+
+
+def test_blur_that_does_not_divide_gives_gradients():
+    head = ConvCRF(filter_size=5, blur=4, n_iterations=2, learnable_compatibility=True, learn_features=True)
+    head.set_num_classes(3)
+    logits = torch.randn(1, 3, 19, 26, requires_grad=True)
+    image = torch.rand(1, 3, 19, 26, requires_grad=True)
+    F.cross_entropy(head(logits, batch_of(image)), torch.randint(0, 3, (1, 19, 26))).backward()
+    assert logits.grad.shape == logits.shape and torch.isfinite(logits.grad).all()
+    assert logits.grad[..., -1, -1].abs().sum() > 0  # the last row and column, inside the padding's cell
+    assert image.grad is not None and torch.isfinite(image.grad).all()
+
+
 def test_matches_mean_field_written_with_the_reference():
     """blur = 1: Alg. 1 spelled out with the unfold reference of Eq. 6."""
     head = ConvCRF(filter_size=5, blur=1, n_iterations=3, theta_alpha=6.0, theta_beta=0.2, theta_gamma=2.0)

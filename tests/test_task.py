@@ -1,6 +1,6 @@
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 
 from app.crf_heads import StructuredHead
@@ -125,17 +125,24 @@ class TinyLoader(torch.utils.data.Dataset):
         return {key: value[0] for key, value in self.samples[index].items()}
 
 
-def test_fit_logs_epoch_metrics_for_head_and_backbone(tmp_path):
+def fit_two_epochs(task, tmp_path, callbacks=()):
+    """Fit ``task`` for 2 epochs on TinyLoader (train and val) without logger or checkpoints."""
     loader = torch.utils.data.DataLoader(TinyLoader(), batch_size=4)
-    task = SegmentationTask(ConvBackbone(), head=ScaleHead(), num_classes=3)
     trainer = Trainer(
         max_epochs=2,
         default_root_dir=tmp_path,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        callbacks=list(callbacks),
     )
     trainer.fit(task, loader, loader)
+    return trainer
+
+
+def test_fit_logs_epoch_metrics_for_head_and_backbone(tmp_path):
+    task = SegmentationTask(ConvBackbone(), head=ScaleHead(), num_classes=3)
+    trainer = fit_two_epochs(task, tmp_path)
     metrics = trainer.callback_metrics
     for key in (
         "val/mIoU",
@@ -172,3 +179,26 @@ def test_frozen_backbone_from_checkpoint_trains_the_head_only(tmp_path):
     task.compute_loss(make_batch()).backward()
     assert all(p.grad is None for p in backbone.parameters())
     assert torch.equal(backbone[1].running_mean, running_mean)
+
+
+def test_head_warmup_trains_the_backbone_alone_first(tmp_path):
+    """head_warmup_epochs=1: epoch 0 skips the head (its parameter stays put), epoch 1 trains it."""
+    task = SegmentationTask(
+        ConvBackbone(), head=ScaleHead(), num_classes=3, head_warmup_epochs=1, aux_loss_weight=0.5
+    )
+    scales = []
+
+    class RecordScale(Callback):
+        def on_train_epoch_end(self, trainer, module):
+            scales.append(float(module.head.scale))
+
+    fit_two_epochs(task, tmp_path, [RecordScale()])
+    assert scales[0] == 2.0 and scales[1] != 2.0
+    assert not task.in_head_warmup()  # outside fit the head always runs
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            task(batch["image"], batch), task.head(task.backbone(batch["image"]), batch)
+        )
+    with pytest.raises(ValueError, match="head_warmup_epochs"):
+        SegmentationTask(ConvBackbone(), head=ScaleHead(), num_classes=3, head_warmup_epochs=-1)

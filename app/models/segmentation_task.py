@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -25,10 +26,13 @@ class SegmentationTask(LightningModule):
 
     ``logits = backbone(image)``; with a head, ``refined = head(logits, batch)``. The loss is
     cross-entropy on the refined logits plus ``aux_loss_weight`` times the cross-entropy of the
-    pre-head logits plus the head's own losses (``StructuredHead.forward_with_losses``). Validation and
-    test log mIoU over the whole split (``MulticlassJaccardIndex``) and pixel accuracy, for the final
-    logits and, with a head, for the backbone alone (``*_backbone``), and the edge F-measure and
-    performance ratio at 1-5 px (thesis Eq. 4.15-4.16).
+    pre-head logits plus the head's own losses (``StructuredHead.forward_with_losses``). With
+    ``head_warmup_epochs``, the first epochs of ``fit`` train the backbone alone (the head is skipped, as
+    if ``head`` were None) and the head joins after them: the thesis protocol of a trained backbone
+    fine-tuned with its head (Sec. 3.6.2.2), in one run. Validation and test log mIoU over the whole split
+    (``MulticlassJaccardIndex``) and pixel accuracy, for the final logits and, with a head, for the
+    backbone alone (``*_backbone``), and the edge F-measure and performance ratio at 1-5 px (thesis
+    Eq. 4.15-4.16).
 
     Args:
         backbone: image ``(B, 3, H, W)`` -> logits ``(B, num_classes, H, W)``, e.g. ``SMPBackbone``.
@@ -49,6 +53,8 @@ class SegmentationTask(LightningModule):
             parameters get no gradient and it stays in eval mode (frozen batch-norm statistics).
         backbone_checkpoint: a Lightning checkpoint of a trained SegmentationTask whose ``backbone.*``
             weights are loaded into ``backbone`` (the unary of decoupled training).
+        head_warmup_epochs: epochs of ``fit`` during which the head is skipped (the backbone trains
+            alone); 0 uses the head from the first step.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class SegmentationTask(LightningModule):
         edge_tolerances: tuple[int, ...] = (1, 2, 3, 4, 5),
         freeze_backbone: bool = False,
         backbone_checkpoint: str | None = None,
+        head_warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -75,6 +82,8 @@ class SegmentationTask(LightningModule):
         backbone_classes = getattr(backbone, "num_classes", num_classes)
         if backbone_classes != num_classes:
             raise ValueError(f"backbone predicts {backbone_classes} classes but num_classes is {num_classes}")
+        if head_warmup_epochs < 0:
+            raise ValueError(f"head_warmup_epochs must be >= 0, got {head_warmup_epochs}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
         if head is not None:
@@ -132,13 +141,19 @@ class SegmentationTask(LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``predict_logits`` plus the head's own weighted losses (``StructuredHead.forward_with_losses``)."""
         backbone_logits = self.backbone(batch["image"])
-        if self.head is None:
+        if self.head is None or self.in_head_warmup():
             return backbone_logits, backbone_logits, {}
         self.head.check_batch(batch)
         if not with_losses:
             return self.head(backbone_logits, batch), backbone_logits, {}
         logits, head_losses = self.head.forward_with_losses(backbone_logits, batch)
         return logits, backbone_logits, head_losses
+
+    def in_head_warmup(self) -> bool:
+        """True during the first ``head_warmup_epochs`` epochs of ``fit`` (the head is skipped)."""
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return False
+        return self.current_epoch < self.hparams.head_warmup_epochs
 
     def _check_mask(self, mask: torch.Tensor) -> None:
         valid = mask[mask != self.ignore_index]
@@ -157,7 +172,7 @@ class SegmentationTask(LightningModule):
         head_losses: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         loss = F.cross_entropy(logits, mask, ignore_index=self.ignore_index)
-        if self.head is not None and self.hparams.aux_loss_weight > 0:
+        if self.head is not None and self.hparams.aux_loss_weight > 0 and not self.in_head_warmup():
             aux = F.cross_entropy(backbone_logits, mask, ignore_index=self.ignore_index)
             loss = loss + self.hparams.aux_loss_weight * aux
         for head_loss in (head_losses or {}).values():
