@@ -17,35 +17,42 @@ namespace app {
 namespace message_passing {
 namespace {
 
-constexpr int64_t kBlockPixels = 32;  // pixels of one image row that one task handles per step (lockstep mode)
+constexpr int64_t kBlockPixels = 16;  // pixels of one image row that one task handles per step (lockstep mode)
 
 inline int64_t ceil_div(int64_t a, int64_t d) { return a >= 0 ? (a + d - 1) / d : -((-a) / d); }
 
-// Visits every pixel of every scanline of direction r, predecessors first (successors first when reverse), in
-// parallel over scanlines. make_visitor() is called once per parallel chunk and returns
+// Runs the sweeps of the opposite directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11): each parallel task
+// takes a set of scanlines (shared by both directions) and sweeps it in direction r_first, then in
+// r_first ^ 1, while its pixels are still in cache. Exact: a sweep reads and writes only the pixels of its own
+// scanline, which no other task touches. Scanlines are visited predecessors first (successors first when
+// reverse, for the backward). make_visitor(r) is called once per parallel chunk and direction and returns
 // visit(b, pixel, predecessor, has_successor, slot): predecessor is the in-image pixel index (y W + x) of the
-// message's sender or -1 at a scanline's first node; slot in [0, kBlockPixels * 2) is constant along a
-// scanline and distinct between the scanlines a chunk interleaves (per-scanline scratch state).
+// message's sender or -1 at a scanline's first node; slot in [0, 2 kBlockPixels) is constant along a scanline
+// and distinct between the scanlines a task interleaves (per-scanline scratch state).
 //
 // Horizontal steps: one task per image row. Other steps (dy, dx), |dy| in {1, 2}: the scanlines are the sets of
 // constant key k = x ay - y ax with (ay, ax) = +-(dy, dx), ay > 0; a task takes a block of consecutive keys and
-// visits them row by row, each row's members being a contiguous run of x.
+// visits them row by row (lockstep), each row's members being a contiguous run of x.
 template <typename scalar_t, typename MakeVisitor>
-void scan_direction(const Grid<scalar_t>& grid, int64_t r, bool reverse, const MakeVisitor& make_visitor) {
+void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const MakeVisitor& make_visitor) {
   int64_t dy, dx;
-  direction_step(r, dy, dx);
+  direction_step(r_first, dy, dx);
   const int64_t H = grid.height, W = grid.width, B = grid.batch;
   auto inside = [&](int64_t y, int64_t x) { return y >= 0 && y < H && x >= 0 && x < W; };
   if (dy == 0) {
-    const bool ascending = (dx > 0) != reverse;
+    auto sweep_row = [&](auto& visit, int64_t b, int64_t y, int64_t step) {
+      const bool ascending = (step > 0) != reverse;
+      for (int64_t s = 0; s < W; ++s) {
+        const int64_t x = ascending ? s : W - 1 - s;
+        visit(b, y * W + x, inside(y, x - step) ? y * W + x - step : -1, inside(y, x + step), 0);
+      }
+    };
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      auto visit = make_visitor();
+      auto first = make_visitor(r_first);
+      auto second = make_visitor(r_first ^ 1);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / H, y = task % H;
-        for (int64_t s = 0; s < W; ++s) {
-          const int64_t x = ascending ? s : W - 1 - s;
-          visit(b, y * W + x, inside(y, x - dx) ? y * W + x - dx : -1, inside(y, x + dx), 0);
-        }
+        sweep_row(first, task / H, task % H, dx);
+        sweep_row(second, task / H, task % H, -dx);
       }
     });
     return;
@@ -54,20 +61,25 @@ void scan_direction(const Grid<scalar_t>& grid, int64_t r, bool reverse, const M
   const int64_t key_lo = std::min<int64_t>(0, -(H - 1) * ax);
   const int64_t key_hi = (W - 1) * ay + std::max<int64_t>(0, -(H - 1) * ax) + 1;
   const int64_t span = kBlockPixels * ay, n_blocks = ceil_div(key_hi - key_lo, span);
-  const bool descending = (dy < 0) != reverse;
+  auto sweep_block = [&](auto& visit, int64_t b, int64_t key0, int64_t sy, int64_t sx) {
+    const bool descending = (sy < 0) != reverse;
+    for (int64_t s = 0; s < H; ++s) {
+      const int64_t y = descending ? H - 1 - s : s;
+      const int64_t x_begin = std::max<int64_t>(0, ceil_div(key0 + y * ax, ay));
+      const int64_t x_end = std::min<int64_t>(W, ceil_div(key0 + span + y * ax, ay));
+      for (int64_t x = x_begin; x < x_end; ++x) {
+        visit(b, y * W + x, inside(y - sy, x - sx) ? (y - sy) * W + x - sx : -1, inside(y + sy, x + sx),
+              x * ay - y * ax - key0);
+      }
+    }
+  };
   at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    auto visit = make_visitor();
+    auto first = make_visitor(r_first);
+    auto second = make_visitor(r_first ^ 1);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_blocks, key0 = key_lo + (task % n_blocks) * span;
-      for (int64_t s = 0; s < H; ++s) {
-        const int64_t y = descending ? H - 1 - s : s;
-        const int64_t x_begin = std::max<int64_t>(0, ceil_div(key0 + y * ax, ay));
-        const int64_t x_end = std::min<int64_t>(W, ceil_div(key0 + span + y * ax, ay));
-        for (int64_t x = x_begin; x < x_end; ++x) {
-          visit(b, y * W + x, inside(y - dy, x - dx) ? (y - dy) * W + x - dx : -1, inside(y + dy, x + dx),
-                x * ay - y * ax - key0);
-        }
-      }
+      sweep_block(first, b, key0, dy, dx);
+      sweep_block(second, b, key0, -dy, -dx);
     }
   });
 }
@@ -144,18 +156,22 @@ void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, s
   for (int64_t l = 0; l < n_labels; ++l) p[l] = static_cast<index_t>(arg[l]);
 }
 
+// Forward sweeps of the directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11; SGM Eq. 3.3).
 template <typename scalar_t, typename index_t>
-void forward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, const scalar_t* unary, scalar_t* total,
-                   const scalar_t* old_messages, scalar_t* messages, scalar_t* out, SweepIndices<index_t> idx) {
+void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
+                    scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
+                    SweepIndices<index_t> iteration) {
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
-  scalar_t* m_r = messages + r * N * L;
-  const scalar_t* m_opp = method == kTRWP    ? messages + (r ^ 1) * N * L
-                           : method == kISGMR ? old_messages + (r ^ 1) * N * L
-                                              : nullptr;
-  const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
-  scan_direction(grid, r, false, [&] {
-    return [&, h = std::vector<scalar_t>(L), u = std::vector<scalar_t>(L), arg = std::vector<int32_t>(L)](
+  scan_pair(grid, r_first, false, [&](int64_t r) {
+    scalar_t* m_r = messages + r * N * L;
+    const scalar_t* m_opp = method == kTRWP    ? messages + (r ^ 1) * N * L
+                             : method == kISGMR ? old_messages + (r ^ 1) * N * L
+                                                : nullptr;
+    const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
+    const SweepIndices<index_t> idx{iteration.p + r * N * L, iteration.q + r * N};
+    return [&, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
+            u = std::vector<scalar_t>(L), arg = std::vector<int32_t>(L)](
                int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* __restrict__ m_i = m_r + off;
@@ -252,12 +268,13 @@ void message_backward(int64_t n_labels, scalar_t* __restrict__ g, index_t q, con
   int32_t first_jump = n;
 #pragma omp simd reduction(+ : weight_grad) reduction(min : first_jump)
   for (int32_t l = 0; l < n; ++l) {
-    const bool stays = static_cast<int32_t>(p[l]) == l;
-    const scalar_t kept = stays ? g[l] : scalar_t(0);
+    const int32_t stays = static_cast<int32_t>(p[l]) == l;
+    const scalar_t kept = g[l] * static_cast<scalar_t>(stays);  // masks by product: GCC keeps it branch-free
     gs[l] = kept;
     weight_grad += kept * v_diag[l];
     gv_diag[l] += w * kept;
-    first_jump = (!stays && l < first_jump) ? l : first_jump;
+    const int32_t candidate = stays ? n : l;
+    first_jump = candidate < first_jump ? candidate : first_jump;
   }
   if (first_jump < n) {
     const int32_t m0 = static_cast<int32_t>(p[first_jump]);
@@ -268,11 +285,11 @@ void message_backward(int64_t n_labels, scalar_t* __restrict__ g, index_t q, con
 #pragma omp simd reduction(+ : weight_grad, to_m0, n_other)
     for (int32_t l = 0; l < n; ++l) {
       const int32_t m = static_cast<int32_t>(p[l]);
-      const scalar_t moved = (m == m0 && m != l) ? g[l] : scalar_t(0);
+      const scalar_t moved = g[l] * static_cast<scalar_t>((m == m0) & (m != l));
       to_m0 += moved;
       weight_grad += moved * v_row[l];
       gv_row[l] += w * moved;
-      n_other += (m != l && m != m0) ? 1 : 0;
+      n_other += static_cast<int32_t>((m != l) & (m != m0));
     }
     gs[m0] += to_m0;
     for (int32_t l = first_jump + 1; n_other > 0 && l < n; ++l) {
@@ -287,19 +304,21 @@ void message_backward(int64_t n_labels, scalar_t* __restrict__ g, index_t q, con
   *gw += weight_grad;
 }
 
+// Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4).
 template <typename scalar_t, typename index_t>
-void backward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, BackwardState<scalar_t> state,
-                    const index_t* p, const index_t* q) {
+void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
+                     SweepIndices<const index_t> iteration) {
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
-  const scalar_t* v_r = grid.v_r(r);
-  std::vector<scalar_t> v_diag(L);
-  for (int64_t l = 0; l < L; ++l) v_diag[l] = v_r[l * L + l];
-  scan_direction(grid, r, true, [&] {
+  std::vector<scalar_t> v_diag(L);  // the same for V and V^T
+  for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
+  scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r = state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
+    const index_t* p = iteration.p + r * N * L;
+    const index_t* q = iteration.q + r * N;
     // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
-    return [&, gv_r, g = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kBlockPixels * L),
-            gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
+    return [&, r, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+            carry = std::vector<scalar_t>(2 * kBlockPixels * L), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* __restrict__ gs = carry.data() + slot * L;
@@ -351,14 +370,15 @@ void backward_sweep(const Grid<scalar_t>& grid, Method method, int64_t r, Backwa
 
 struct CpuSweeps {
   template <typename scalar_t, typename index_t>
-  static void forward(const Grid<scalar_t>& grid, Method method, int64_t r, const scalar_t* unary, scalar_t* total,
-                      const scalar_t* old_messages, scalar_t* messages, scalar_t* out, SweepIndices<index_t> idx) {
-    forward_sweep(grid, method, r, unary, total, old_messages, messages, out, idx);
+  static void forward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
+                           scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
+                           SweepIndices<index_t> iteration) {
+    forward_sweeps(grid, method, r_first, unary, total, old_messages, messages, out, iteration);
   }
   template <typename scalar_t, typename index_t>
-  static void backward(const Grid<scalar_t>& grid, Method method, int64_t r, BackwardState<scalar_t> state,
-                       const index_t* p, const index_t* q) {
-    backward_sweep(grid, method, r, state, p, q);
+  static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
+                            SweepIndices<const index_t> iteration) {
+    backward_sweeps(grid, method, r_first, state, iteration);
   }
   static int64_t accumulators() { return at::get_num_threads(); }
 };
