@@ -115,6 +115,33 @@ def test_gradients_match_reference(case):
         torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+@pytest.mark.parametrize(("height", "width"), ((3, 41), (41, 3)))
+def test_scanline_blocks_match_reference(method, height, width):
+    """Wide and tall images: the CPU kernel sweeps blocks of 16 neighbouring scanlines row by row, so several
+    blocks (and, for the diagonal and (2, 1) offsets, partial ones at the borders) must still equal the
+    reference, forward and backward, for every offset of the 16-connected grid."""
+    unary, matrix, weights = random_inputs(12, 1, 3, height, width, 16)
+    unary.requires_grad_()
+    weights.requires_grad_()
+    pairwise = Pairwise("potts", torch.tensor(0.8, dtype=F64, requires_grad=True))
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(13))
+    got = _gradients(
+        lambda u, p, w: message_passing(u, p, w, method, 16, 1), unary, pairwise, weights, grad_output
+    )
+    expected = _gradients(
+        lambda u, p, w: reference(u, p, w, method, 16, 1), unary, pairwise, weights, grad_output
+    )
+    torch.testing.assert_close(
+        message_passing(unary, pairwise, weights, method, 16, 1),
+        reference(unary, pairwise, weights, method, 16, 1),
+        rtol=1e-9,
+        atol=1e-9,
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
+
+
 def test_many_labels_use_wide_indices():
     """300 labels: int16 indices, forward and backward still equal to the reference."""
     unary, matrix, weights = random_inputs(6, 1, 300, 2, 3, 4)

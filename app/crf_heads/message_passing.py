@@ -16,7 +16,7 @@ Edge weights (``edge_weights``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,8 +53,10 @@ class EdgeWeightNet(nn.Module):
 class MessagePassingHead(StructuredHead):
     """Shared implementation of the message-passing heads; see the module docstring.
 
+    Subclasses set ``method`` and give their thesis defaults for the three leading arguments; the options
+    after them are forwarded by keyword (LightningCLI reads them from this signature).
+
     Args:
-        method: ``"isgmr"``, ``"trwp"``, ``"sgm"`` or ``"meanfield"``.
         n_directions: 4, 8 or 16.
         n_iterations: message-passing iterations (>= 1).
         term_weight: Potts term weight (initial value when learnable).
@@ -63,9 +65,10 @@ class MessagePassingHead(StructuredHead):
         log_softmax: take ``theta = -log_softmax(logits)`` instead of ``-logits``.
     """
 
+    method: ClassVar[str]
+
     def __init__(
         self,
-        method: str,
         n_directions: int,
         n_iterations: int,
         term_weight: float,
@@ -77,7 +80,7 @@ class MessagePassingHead(StructuredHead):
         check_n_directions(n_directions)
         if edge_weights not in ("canny", "learned", "none"):
             raise ValueError(f"edge_weights must be 'canny', 'learned' or 'none', got {edge_weights!r}")
-        self.method, self.n_directions, self.n_iterations = method, n_directions, n_iterations
+        self.n_directions, self.n_iterations = n_directions, n_iterations
         self.edge_weights, self.log_softmax = edge_weights, log_softmax
         weight = torch.tensor(float(term_weight))
         if learn_term_weight:
@@ -108,69 +111,45 @@ class MessagePassingHead(StructuredHead):
 class TRWP(MessagePassingHead):
     """Tree-reweighted message passing head (Alg. 2); thesis defaults: 4 directions, term weight 20."""
 
+    method = "trwp"
+
     def __init__(
-        self,
-        n_directions: int = 4,
-        n_iterations: int = 5,
-        term_weight: float = 20.0,
-        learn_term_weight: bool = True,
-        edge_weights: EdgeWeights = "canny",
-        log_softmax: bool = False,
+        self, n_directions: int = 4, n_iterations: int = 5, term_weight: float = 20.0, **options: Any
     ) -> None:
-        super().__init__(
-            "trwp", n_directions, n_iterations, term_weight, learn_term_weight, edge_weights, log_softmax
-        )
+        super().__init__(n_directions, n_iterations, term_weight, **options)
 
 
 @HEADS.register("isgmr")
 class ISGMR(MessagePassingHead):
     """Iterative semi-global matching revisited head (Alg. 1); thesis defaults: 8 directions, term weight 5."""
 
+    method = "isgmr"
+
     def __init__(
-        self,
-        n_directions: int = 8,
-        n_iterations: int = 5,
-        term_weight: float = 5.0,
-        learn_term_weight: bool = True,
-        edge_weights: EdgeWeights = "canny",
-        log_softmax: bool = False,
+        self, n_directions: int = 8, n_iterations: int = 5, term_weight: float = 5.0, **options: Any
     ) -> None:
-        super().__init__(
-            "isgmr", n_directions, n_iterations, term_weight, learn_term_weight, edge_weights, log_softmax
-        )
+        super().__init__(n_directions, n_iterations, term_weight, **options)
 
 
 @HEADS.register("sgm")
 class SGM(MessagePassingHead):
     """Semi-global matching head (Eq. 3.3, Hirschmuller); one pass by default (costs grow like D^iterations)."""
 
+    method = "sgm"
+
     def __init__(
-        self,
-        n_directions: int = 8,
-        n_iterations: int = 1,
-        term_weight: float = 5.0,
-        learn_term_weight: bool = True,
-        edge_weights: EdgeWeights = "canny",
-        log_softmax: bool = False,
+        self, n_directions: int = 8, n_iterations: int = 1, term_weight: float = 5.0, **options: Any
     ) -> None:
-        super().__init__(
-            "sgm", n_directions, n_iterations, term_weight, learn_term_weight, edge_weights, log_softmax
-        )
+        super().__init__(n_directions, n_iterations, term_weight, **options)
 
 
 @HEADS.register("meanfield")
 class MeanField(MessagePassingHead):
     """Local mean-field head on the D-connected grid (the baseline of the thesis tables)."""
 
+    method = "meanfield"
+
     def __init__(
-        self,
-        n_directions: int = 4,
-        n_iterations: int = 5,
-        term_weight: float = 5.0,
-        learn_term_weight: bool = True,
-        edge_weights: EdgeWeights = "canny",
-        log_softmax: bool = False,
+        self, n_directions: int = 4, n_iterations: int = 5, term_weight: float = 5.0, **options: Any
     ) -> None:
-        super().__init__(
-            "meanfield", n_directions, n_iterations, term_weight, learn_term_weight, edge_weights, log_softmax
-        )
+        super().__init__(n_directions, n_iterations, term_weight, **options)

@@ -158,10 +158,13 @@ inline int32_t normalise(scalar_t* u, int64_t n_labels) {
   return q;
 }
 
-// ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward / backward of one sweep over
-// all scanlines of a direction and accumulators() (the number of (2, L, L) pairwise-gradient buffers).
+// ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward_pair / backward_pair, the
+// sweeps of two opposite directions r_first and r_first ^ 1 over all their scanlines (forward: r_first first;
+// backward: in reverse scan order, r_first first), and accumulators() (the number of (2, L, L)
+// pairwise-gradient buffers).
 
-// Index storage: the argmins of one sweep, p (B, H, W, L) and q (B, H, W).
+// Index storage: the argmins of one iteration's sweeps, direction r at p + r N L (N = B H W, p (B, H, W, L))
+// and q + r N (q (B, H, W)).
 template <typename index_t>
 struct SweepIndices {
   index_t* p;
@@ -199,19 +202,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
   auto index_options = unary.options().dtype(index_dtype<index_t>());
   at::Tensor p = at::empty({n_iterations, D, B, H, W, L}, index_options);
   at::Tensor q = at::empty({n_iterations, D, B, H, W}, index_options);
-  auto indices = [&](int64_t it, int64_t r) {
-    return SweepIndices<index_t>{p.mutable_data_ptr<index_t>() + (it * D + r) * N * L,
-                                 q.mutable_data_ptr<index_t>() + (it * D + r) * N};
+  auto indices = [&](int64_t it) {
+    return SweepIndices<index_t>{p.mutable_data_ptr<index_t>() + it * D * N * L,
+                                 q.mutable_data_ptr<index_t>() + it * D * N};
   };
   at::Tensor costs;
   if (method == kSGM) {
     at::Tensor current = theta, messages = at::empty({D, N, L}, theta.options());
     for (int64_t it = 0; it < n_iterations; ++it) {
       at::Tensor next = at::zeros_like(theta);
-      for (int64_t r = 0; r < D; ++r) {
-        Sweeps::template forward<scalar_t, index_t>(grid, method, r, current.const_data_ptr<scalar_t>(), nullptr, nullptr,
-                                         messages.mutable_data_ptr<scalar_t>(), next.mutable_data_ptr<scalar_t>(),
-                                         indices(it, r));
+      for (int64_t r = 0; r < D; r += 2) {
+        Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, current.const_data_ptr<scalar_t>(), nullptr,
+                                                         nullptr, messages.mutable_data_ptr<scalar_t>(),
+                                                         next.mutable_data_ptr<scalar_t>(), indices(it));
       }
       current = next;  // Eq. 3.6, the unary of the next iteration
     }
@@ -219,10 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
   } else if (method == kTRWP) {
     at::Tensor messages = at::zeros({D, N, L}, theta.options()), total = theta.clone();
     for (int64_t it = 0; it < n_iterations; ++it) {
-      for (int64_t r = 0; r < D; ++r) {
-        Sweeps::template forward<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
-                                         messages.const_data_ptr<scalar_t>(), messages.mutable_data_ptr<scalar_t>(),
-                                         nullptr, indices(it, r));
+      for (int64_t r = 0; r < D; r += 2) {
+        Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
+                                                         messages.const_data_ptr<scalar_t>(),
+                                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it));
       }
     }
     costs = total;  // Eq. 3.7, kept up to date by the sweeps
@@ -230,10 +233,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
     at::Tensor old_messages = at::zeros({D, N, L}, theta.options()), messages = at::empty_like(old_messages);
     for (int64_t it = 0; it < n_iterations; ++it) {
       at::Tensor total = theta + old_messages.sum(0).view_as(theta);
-      for (int64_t r = 0; r < D; ++r) {
-        Sweeps::template forward<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
-                                         old_messages.const_data_ptr<scalar_t>(),
-                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it, r));
+      for (int64_t r = 0; r < D; r += 2) {
+        Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
+                                                         old_messages.const_data_ptr<scalar_t>(),
+                                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it));
       }
       std::swap(old_messages, messages);  // Alg. 1 line 12
     }
@@ -260,9 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   at::Tensor grad_v = at::zeros({Sweeps::accumulators(), 2, L, L}, g.options());
   const index_t* p_data = p.const_data_ptr<index_t>();
   const index_t* q_data = q.const_data_ptr<index_t>();
-  auto run = [&](int64_t it, int64_t r, BackwardState<scalar_t> state) {
-    Sweeps::template backward<scalar_t, index_t>(grid, method, r, state, p_data + (it * D + r) * N * L,
-                                      q_data + (it * D + r) * N);
+  auto run = [&](int64_t it, int64_t r_first, BackwardState<scalar_t> state) {
+    Sweeps::template backward_pair<scalar_t, index_t>(
+        grid, method, r_first, state, SweepIndices<const index_t>{p_data + it * D * N * L, q_data + it * D * N});
   };
   BackwardState<scalar_t> state{nullptr, nullptr, nullptr, grad_weights.mutable_data_ptr<scalar_t>(),
                                 grad_v.mutable_data_ptr<scalar_t>()};
@@ -273,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     state.common = common.mutable_data_ptr<scalar_t>();
     state.extra = extra.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
-      for (int64_t r = D - 1; r >= 0; --r) run(it, r, state);
+      for (int64_t r = D - 1; r >= 0; r -= 2) run(it, r, state);
     }
     grad_unary = common;
   } else if (method == kISGMR) {
@@ -285,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     state.pending = pending.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
       pending.zero_();
-      for (int64_t r = 0; r < D; ++r) run(it, r, state);
+      for (int64_t r = 0; r < D; r += 2) run(it, r, state);
       const at::Tensor base_grad = pending.sum(0);  // gradient of theta + sum of all previous messages
       grad_unary.view({N, L}).add_(base_grad);
       pair_grads.copy_(base_grad.unsqueeze(0) - pending);
@@ -296,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
       at::Tensor previous = at::zeros_like(current);
       state.common = current.mutable_data_ptr<scalar_t>();
       state.extra = previous.mutable_data_ptr<scalar_t>();
-      for (int64_t r = 0; r < D; ++r) run(it, r, state);
+      for (int64_t r = 0; r < D; r += 2) run(it, r, state);
       current = previous;
     }
     grad_unary = current;

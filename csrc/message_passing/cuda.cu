@@ -280,6 +280,27 @@ struct CudaSweeps {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // The two opposite directions of a pair, one launch each (the driver's interface, common.h).
+  template <typename scalar_t, typename index_t>
+  static void forward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
+                           scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
+                           SweepIndices<index_t> iteration) {
+    const int64_t N = grid.batch * grid.pixels(), L = grid.n_labels;
+    for (const int64_t r : {r_first, r_first ^ 1}) {
+      forward(grid, method, r, unary, total, old_messages, messages, out,
+              SweepIndices<index_t>{iteration.p + r * N * L, iteration.q + r * N});
+    }
+  }
+
+  template <typename scalar_t, typename index_t>
+  static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
+                            SweepIndices<const index_t> iteration) {
+    const int64_t N = grid.batch * grid.pixels(), L = grid.n_labels;
+    for (const int64_t r : {r_first, r_first ^ 1}) {
+      backward(grid, method, r, state, iteration.p + r * N * L, iteration.q + r * N);
+    }
+  }
+
   static int64_t accumulators() { return 1; }
 };
 
