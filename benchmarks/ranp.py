@@ -37,6 +37,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from app.datamodules.volumes import SyntheticClips, SyntheticVolumes
 from app.models.nets3d import MobileNetV2_3D, UNet3D
 from app.pruning import PruningAnalysis, analyze_model, apply_selection
+from app.pruning.fast_conv import fast_conv_weight_grad
 
 MANNERS = (
     ("Full", None),
@@ -70,34 +71,37 @@ def per_sample(totals: dict[str, float], batch_size: int) -> dict[str, float]:
 
 def prune_all(
     model: nn.Module, batches: list[dict], loss_fn: LossFn, lam: float, sparsity: float | None
-) -> tuple[PruningAnalysis, dict[str, Any], dict[str, nn.Module], dict[str, float], float]:
+) -> tuple[PruningAnalysis, dict[str, Any], dict[str, nn.Module], dict[str, float], dict[str, float]]:
     """One analysis, then every manner of Table 5.2 on a deep copy of ``model``, at ``sparsity`` (default
     the protocol of the thesis: vanilla NP's largest feasible sparsity; SNIP's own for SNIP NP).
 
     Returns:
         The analysis, the result rows and the models by manner, the largest feasible sparsity by method
-        (Alg. 6) and the RANP-f pruning time (s).
+        (Alg. 6) and the RANP-f pruning time (s): ``analysis_s`` (channel graph, resources and the
+        importance over the batches, Alg. 5), ``select_s`` (Eq. 5.9-5.11), ``surgery_s`` and their sum
+        ``pruning_s``.
     """
     start = time.perf_counter()
     analysis = analyze_model(model, batches, loss_fn)
-    analysis_time = time.perf_counter() - start
+    timing = {"analysis_s": time.perf_counter() - start}
     batch_size = int(batches[0]["image"].shape[0])
     max_sparsity = {method: analysis.max_sparsity(method, lam=lam) for _, method in MANNERS if method}
     full = per_sample(analysis.resources.totals(), batch_size)
     rows: dict[str, Any] = {"Full": {"sparsity": 0.0, **full, "reduction_pct": {}, "kept": {}}}
     models: dict[str, nn.Module] = {"Full": copy.deepcopy(model)}
-    pruning_time = analysis_time
     neuron_sparsity = max_sparsity["vanilla"] if sparsity is None else sparsity
     for name, method in MANNERS[1:]:
         kappa = max_sparsity["snip"] if method == "snip" else neuron_sparsity
         start = time.perf_counter()
         # keep_top: a manner that empties a layer (random NP on a small net) keeps that layer's best neuron
         selection = analysis.select(method, kappa, lam=lam, keep_top=True)
+        selected = time.perf_counter()
         pruned = copy.deepcopy(model)
+        copied = time.perf_counter()
         torch.manual_seed(0)
         report = apply_selection(pruned, analysis, selection, init="glorot")
         if method == "ranp_f":
-            pruning_time += time.perf_counter() - start
+            timing.update(select_s=selected - start, surgery_s=time.perf_counter() - copied)
         after = per_sample(report.after.totals(), batch_size)
         rows[name] = {
             "sparsity": kappa,
@@ -110,7 +114,8 @@ def prune_all(
             "repaired_layers": selection.repaired_layers,
         }
         models[name] = pruned
-    return analysis, rows, models, max_sparsity, pruning_time
+    timing["pruning_s"] = timing["analysis_s"] + timing["select_s"] + timing["surgery_s"]
+    return analysis, rows, models, max_sparsity, timing
 
 
 def curves(
@@ -133,22 +138,56 @@ def curves(
     return out
 
 
+def plot_curves(curve: dict[str, list[dict[str, float]]], title: str, path: Any) -> None:
+    """Fig. 5.9 as a PNG: GFLOPs and memory against neuron sparsity, w/o and w/ reweighting (needs
+    matplotlib, the ``bench`` extra; skipped with a message without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): Fig. 5.9 PNG skipped")
+        return
+    labels = {"vanilla": "w/o reweighting (vanilla NP)", "ranp_f": "w/ reweighting (RANP-f)"}
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, resource, unit in zip(axes, ("gflops", "memory_mb"), ("GFLOPs", "Memory (MB)")):
+        for method, series in curve.items():
+            sparsity = [100 * point["sparsity"] for point in series]
+            axis.plot(sparsity, [point[resource] for point in series], "o-", label=labels[method])
+        axis.set_xlabel("neuron sparsity (%)")
+        axis.set_ylabel(unit)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
 def train(model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float, seed: int) -> float:
-    """``steps`` Adam steps over ``loader`` (cycled); returns the last loss."""
+    """``steps`` Adam steps over ``loader`` (cycled), the learning rate cosine-annealed to zero; returns
+    the last loss. Convolution weight gradients are computed as forward convolutions (same values,
+    several times faster on the CPU)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     model.train()
     loss = torch.zeros(())
     done = 0
-    while done < steps:
-        for batch in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
+    with fast_conv_weight_grad(model):
+        while done < steps:
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model, batch)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                done += 1
+                if done == steps:
+                    break
     return float(loss.detach())
 
 
@@ -194,9 +233,7 @@ def run_experiment(
     num_classes: int,
 ) -> dict[str, Any]:
     prune_batches = [b for _, b in zip(range(args.n_batches), datamodule.train_dataloader())]
-    analysis, rows, models, maxima, pruning_time = prune_all(
-        model, prune_batches, loss_fn, lam, args.sparsity
-    )
+    analysis, rows, models, maxima, timing = prune_all(model, prune_batches, loss_fn, lam, args.sparsity)
     batch_size = int(prune_batches[0]["image"].shape[0])
     metric_name = "mIoU" if segmentation else "Top-1"
     if args.train_steps > 0:
@@ -210,7 +247,7 @@ def run_experiment(
             rows[name]["final_loss"] = last
             rows[name][metric_name] = evaluate(net, datamodule.val_dataloader(), num_classes, segmentation)
     payoff = {
-        "pruning_s": pruning_time,
+        **timing,
         "full": step_cost(copy.deepcopy(models["Full"]), prune_batches[0], loss_fn),
         "ranp_f": step_cost(copy.deepcopy(models["RANP-f"]), prune_batches[0], loss_fn),
     }
@@ -245,7 +282,9 @@ def run_experiment(
     print(markdown_table(["method", "max sparsity (%)"], [[m, f"{100 * v:.2f}"] for m, v in maxima.items()]))
     full, slim = payoff["full"], payoff["ranp_f"]
     print(
-        f"\nPruning (RANP-f, {args.n_batches} batches): {payoff['pruning_s']:.1f} s. "
+        f"\nPruning (RANP-f, {args.n_batches} batches of {batch_size}): {payoff['pruning_s']:.1f} s "
+        f"(importance {payoff['analysis_s']:.1f} s, selection {payoff['select_s']:.2f} s, "
+        f"surgery {payoff['surgery_s']:.1f} s). "
         f"One training step, full vs RANP-f: peak memory {full['peak_memory_mib']:.1f} vs "
         f"{slim['peak_memory_mib']:.1f} MiB "
         f"({full['peak_memory_mib'] / slim['peak_memory_mib']:.1f}x), time {full['step_ms']:.0f} vs "
@@ -259,6 +298,7 @@ def run_experiment(
             for p in series
         ]
         print(markdown_table(["method", "sparsity(%)", "GFLOPs", "Memory(MB)"], curve_rows))
+        plot_curves(curve, title, RESULTS / f"ranp_fig5_9_{key}.png")
     return {
         "title": title,
         "lambda": lam,
