@@ -89,7 +89,7 @@ def prune_all(
     full = per_sample(analysis.resources.totals(), batch_size)
     rows: dict[str, Any] = {"Full": {"sparsity": 0.0, **full, "reduction_pct": {}, "kept": {}}}
     models: dict[str, nn.Module] = {"Full": copy.deepcopy(model)}
-    neuron_sparsity = max_sparsity["vanilla"] if sparsity is None else sparsity
+    neuron_sparsity = sparsity or max_sparsity["vanilla"]
     for name, method in MANNERS[1:]:
         kappa = max_sparsity["snip"] if method == "snip" else neuron_sparsity
         start = time.perf_counter()
@@ -315,13 +315,15 @@ def run_experiment(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=32, help="volume side (thesis: 64)")
+    parser.add_argument("--size", type=int, default=24, help="volume side (thesis: 64)")
     parser.add_argument("--base-width", type=int, default=16, help="3D-UNet base width (thesis: 64)")
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--sparsity", type=float, default=None, help="default: vanilla NP's largest")
+    parser.add_argument(
+        "--sparsity", type=float, default=0.8, help="3D-UNet neuron sparsity (0: vanilla NP's largest)"
+    )
     parser.add_argument("--n-batches", type=int, default=4, help="batches of the importance (Alg. 5)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=120, help="0: resources only")
+    parser.add_argument("--train-steps", type=int, default=400, help="0: resources only")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--train-manners", type=lambda s: s.split(","), default=None, help='e.g. "Full,RANP-f" (default: all)'
@@ -333,31 +335,37 @@ def main() -> None:
     parser.add_argument("--clip-frames", type=int, default=8)
     parser.add_argument("--clip-size", type=int, default=32)
     parser.add_argument("--clip-classes", type=int, default=8)
-    parser.add_argument("--clip-width", type=float, default=1.0, help="MobileNetV2-3D width multiplier")
+    parser.add_argument("--clip-width", type=float, default=0.5, help="MobileNetV2-3D width multiplier")
+    parser.add_argument("--clip-batch-size", type=int, default=8)
+    parser.add_argument("--clip-sparsity", type=float, default=None, help="default: vanilla NP's largest")
+    parser.add_argument("--clip-train-steps", type=int, default=200, help="0: resources only")
     parser.add_argument("--curve-points", type=int, default=6)
     parser.add_argument("--skip-clips", action="store_true")
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    suffix = f"_k{args.sparsity}" if args.sparsity else ""
-    if args.train_manners:
-        suffix += f"_{'+'.join(args.train_manners)}_steps{args.train_steps}".replace(" ", "")
+    def suffix(run: argparse.Namespace) -> str:
+        text = f"_k{run.sparsity}" if run.sparsity else ""
+        if run.train_manners:
+            text += f"_{'+'.join(run.train_manners)}_steps{run.train_steps}".replace(" ", "")
+        return text
+
     results: dict[str, Any] = {}
-    path = RESULTS / "ranp.json"
-    if path.exists():
-        results = json.loads(path.read_text())
     if not args.skip_unet:
         torch.manual_seed(args.seed)
         volumes = SyntheticVolumes(
-            args.classes, args.size, n_train=32, n_val=8, batch_size=args.batch_size, seed=args.seed
+            args.classes, args.size, n_train=32, n_val=16, batch_size=args.batch_size, seed=args.seed
         )
         unet = UNet3D(1, args.classes, 15, base_width=args.base_width)
-        key = f"unet3d15_w{args.base_width}_s{args.size}" + suffix
+        key = f"unet3d15_w{args.base_width}_s{args.size}" + suffix(args)
         title = f"3D-UNet (15 layers, base width {args.base_width}) on SyntheticVolumes {args.size}^3"
         results[key] = run_experiment(key, title, unet, volumes, seg_loss, args, args.lam, True, args.classes)
         results[key]["machine"] = machine()
     if not args.skip_clips:
+        clip_args = argparse.Namespace(
+            **{**vars(args), "sparsity": args.clip_sparsity, "train_steps": args.clip_train_steps}
+        )
         torch.manual_seed(args.seed)
         clips = SyntheticClips(
             args.clip_classes,
@@ -365,18 +373,21 @@ def main() -> None:
             args.clip_size,
             n_train=128,
             n_val=64,
-            batch_size=max(args.batch_size, 8),
+            batch_size=args.clip_batch_size,
             seed=args.seed,
         )
         net = MobileNetV2_3D(args.clip_classes, width_mult=args.clip_width)
-        key = f"mobilenetv2_3d_w{args.clip_width}_t{args.clip_frames}_s{args.clip_size}" + suffix
+        key = f"mobilenetv2_3d_w{args.clip_width}_t{args.clip_frames}_s{args.clip_size}" + suffix(clip_args)
         frames = f"{args.clip_frames}x{args.clip_size}^2"
         title = f"MobileNetV2-3D (width {args.clip_width}) on SyntheticClips {frames}"
         results[key] = run_experiment(
-            key, title, net, clips, clip_loss, args, args.lam_clips, False, args.clip_classes
+            key, title, net, clips, clip_loss, clip_args, args.lam_clips, False, args.clip_classes
         )
         results[key]["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "ranp.json"
+    if path.exists():  # read last: runs of other configurations may have written meanwhile
+        results = {**json.loads(path.read_text()), **results}
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {path}")
 
