@@ -323,8 +323,8 @@ def main() -> None:
     )
     parser.add_argument("--n-batches", type=int, default=4, help="batches of the importance (Alg. 5)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=400, help="0: resources only")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-steps", type=int, default=300, help="0: resources only")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine to zero)")
     parser.add_argument(
         "--train-manners", type=lambda s: s.split(","), default=None, help='e.g. "Full,RANP-f" (default: all)'
     )
