@@ -36,8 +36,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from app.datamodules.volumes import SyntheticClips, SyntheticVolumes
 from app.models.nets3d import MobileNetV2_3D, UNet3D
-from app.pruning import PruningAnalysis, analyze_model, apply_selection
-from app.pruning.fast_conv import fast_conv_weight_grad
+from app.pruning import PruningAnalysis, analyze_model, apply_selection, fast_conv_weight_grad
 
 MANNERS = (
     ("Full", None),

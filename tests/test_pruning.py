@@ -18,6 +18,7 @@ from app.pruning import (
     apply_channel_spec,
     balance_layers,
     channel_spec,
+    fast_conv_weight_grad,
     measure_resources,
     neuron_importance,
     parameter_mask_gradients,
@@ -28,7 +29,6 @@ from app.pruning import (
     trace_channel_graph,
 )
 from app.pruning.callback import CHECKPOINT_KEY, restore_channel_spec
-from app.pruning.fast_conv import fast_conv_weight_grad
 from app.pruning.importance import per_neuron
 
 CONV = {2: nn.Conv2d, 3: nn.Conv3d}
