@@ -146,7 +146,7 @@ def plot_curves(curve: dict[str, list[dict[str, float]]], title: str, path: Any)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): Fig. 5.9 PNG skipped")
+        print("matplotlib is not installed (the bench extra; pip install matplotlib): Fig. 5.9 PNG skipped")
         return
     labels = {"vanilla": "w/o reweighting (vanilla NP)", "ranp_f": "w/ reweighting (RANP-f)"}
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
