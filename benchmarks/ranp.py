@@ -2,10 +2,12 @@
 
 For the 15-layer 3D-UNet on :class:`~app.datamodules.volumes.SyntheticVolumes` and MobileNetV2-3D on
 :class:`~app.datamodules.volumes.SyntheticClips`, one importance analysis (Alg. 5, ``--n-batches``
-batches) feeds every manner, as in the thesis: "sparsity" is the largest feasible *neuron* sparsity of
-vanilla NP (Alg. 6) for random, layer-wise, vanilla, weighted NP and RANP-m/f, and the largest feasible
-*parameter* sparsity for SNIP NP. Each pruned network (Glorot re-initialised, as the thesis) and the
-full one are then trained with the same budget (``--train-steps`` Adam steps, same batches) and
+batches) feeds every manner: the neuron sparsity of random, layer-wise, vanilla, weighted NP and
+RANP-m/f is ``--sparsity`` for the 3D-UNet (default 0.8; 0 gives the thesis protocol, vanilla NP's largest
+feasible one by Alg. 6) and ``--clip-sparsity`` for the clips (default: vanilla NP's largest), and SNIP NP
+uses its own largest feasible *parameter* sparsity. Each pruned network (Glorot re-initialised, as the thesis) and the
+full one are then trained with the same budget (``--train-steps`` Adam steps at ``--lr`` with a cosine
+schedule, same batches) and
 evaluated on the validation split: mIoU (macro, background included) for the 3D-UNet, top-1 for
 MobileNetV2-3D. Resources are per sample: parameters (MB, float32), GFLOPs (Eq. 5.12a) and the memory of
 the layer outputs (MB, Eq. 5.12b). Also reported: the largest feasible sparsity of every manner, the time
@@ -13,7 +15,7 @@ the pruning takes, the measured peak memory and time of one training step (full 
 Fig. 5.9-style curves of FLOPs and memory against neuron sparsity with (RANP-f) and without (vanilla NP)
 reweighting.
 
-Run (CPU-sized, trains every manner): ``python benchmarks/ranp.py``
+Run (CPU-sized: 24^3 volumes, base width 16, 300 steps; clips of width 0.5): ``python benchmarks/ranp.py``
 Thesis-scale resources (3D-UNet with base width 64 at 64^3, no training):
 ``python benchmarks/ranp.py --size 64 --base-width 64 --train-steps 0 --skip-clips``
 Prints markdown tables and writes ``benchmarks/results/ranp.json`` (one entry per configuration).
