@@ -2,10 +2,12 @@
 
 For the 15-layer 3D-UNet on :class:`~app.datamodules.volumes.SyntheticVolumes` and MobileNetV2-3D on
 :class:`~app.datamodules.volumes.SyntheticClips`, one importance analysis (Alg. 5, ``--n-batches``
-batches) feeds every manner, as in the thesis: "sparsity" is the largest feasible *neuron* sparsity of
-vanilla NP (Alg. 6) for random, layer-wise, vanilla, weighted NP and RANP-m/f, and the largest feasible
-*parameter* sparsity for SNIP NP. Each pruned network (Glorot re-initialised, as the thesis) and the
-full one are then trained with the same budget (``--train-steps`` Adam steps, same batches) and
+batches) feeds every manner: the neuron sparsity of random, layer-wise, vanilla, weighted NP and
+RANP-m/f is ``--sparsity`` for the 3D-UNet (default 0.8; 0 gives the thesis protocol, vanilla NP's largest
+feasible one by Alg. 6) and ``--clip-sparsity`` for the clips (default: vanilla NP's largest), and SNIP NP
+uses its own largest feasible *parameter* sparsity. Each pruned network (Glorot re-initialised, as the thesis) and the
+full one are then trained with the same budget (``--train-steps`` Adam steps at ``--lr`` with a cosine
+schedule, same batches) and
 evaluated on the validation split: mIoU (macro, background included) for the 3D-UNet, top-1 for
 MobileNetV2-3D. Resources are per sample: parameters (MB, float32), GFLOPs (Eq. 5.12a) and the memory of
 the layer outputs (MB, Eq. 5.12b). Also reported: the largest feasible sparsity of every manner, the time
@@ -13,7 +15,7 @@ the pruning takes, the measured peak memory and time of one training step (full 
 Fig. 5.9-style curves of FLOPs and memory against neuron sparsity with (RANP-f) and without (vanilla NP)
 reweighting.
 
-Run (CPU-sized, trains every manner): ``python benchmarks/ranp.py``
+Run (CPU-sized: 24^3 volumes, base width 16, 300 steps; clips of width 0.5): ``python benchmarks/ranp.py``
 Thesis-scale resources (3D-UNet with base width 64 at 64^3, no training):
 ``python benchmarks/ranp.py --size 64 --base-width 64 --train-steps 0 --skip-clips``
 Prints markdown tables and writes ``benchmarks/results/ranp.json`` (one entry per configuration).
@@ -36,7 +38,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from app.datamodules.volumes import SyntheticClips, SyntheticVolumes
 from app.models.nets3d import MobileNetV2_3D, UNet3D
-from app.pruning import PruningAnalysis, analyze_model, apply_selection
+from app.pruning import PruningAnalysis, analyze_model, apply_selection, fast_conv_weight_grad
 
 MANNERS = (
     ("Full", None),
@@ -70,34 +72,37 @@ def per_sample(totals: dict[str, float], batch_size: int) -> dict[str, float]:
 
 def prune_all(
     model: nn.Module, batches: list[dict], loss_fn: LossFn, lam: float, sparsity: float | None
-) -> tuple[PruningAnalysis, dict[str, Any], dict[str, nn.Module], dict[str, float], float]:
+) -> tuple[PruningAnalysis, dict[str, Any], dict[str, nn.Module], dict[str, float], dict[str, float]]:
     """One analysis, then every manner of Table 5.2 on a deep copy of ``model``, at ``sparsity`` (default
     the protocol of the thesis: vanilla NP's largest feasible sparsity; SNIP's own for SNIP NP).
 
     Returns:
         The analysis, the result rows and the models by manner, the largest feasible sparsity by method
-        (Alg. 6) and the RANP-f pruning time (s).
+        (Alg. 6) and the RANP-f pruning time (s): ``analysis_s`` (channel graph, resources and the
+        importance over the batches, Alg. 5), ``select_s`` (Eq. 5.9-5.11), ``surgery_s`` and their sum
+        ``pruning_s``.
     """
     start = time.perf_counter()
     analysis = analyze_model(model, batches, loss_fn)
-    analysis_time = time.perf_counter() - start
+    timing = {"analysis_s": time.perf_counter() - start}
     batch_size = int(batches[0]["image"].shape[0])
     max_sparsity = {method: analysis.max_sparsity(method, lam=lam) for _, method in MANNERS if method}
     full = per_sample(analysis.resources.totals(), batch_size)
     rows: dict[str, Any] = {"Full": {"sparsity": 0.0, **full, "reduction_pct": {}, "kept": {}}}
     models: dict[str, nn.Module] = {"Full": copy.deepcopy(model)}
-    pruning_time = analysis_time
-    neuron_sparsity = max_sparsity["vanilla"] if sparsity is None else sparsity
+    neuron_sparsity = sparsity or max_sparsity["vanilla"]
     for name, method in MANNERS[1:]:
         kappa = max_sparsity["snip"] if method == "snip" else neuron_sparsity
         start = time.perf_counter()
         # keep_top: a manner that empties a layer (random NP on a small net) keeps that layer's best neuron
         selection = analysis.select(method, kappa, lam=lam, keep_top=True)
+        selected = time.perf_counter()
         pruned = copy.deepcopy(model)
+        copied = time.perf_counter()
         torch.manual_seed(0)
         report = apply_selection(pruned, analysis, selection, init="glorot")
         if method == "ranp_f":
-            pruning_time += time.perf_counter() - start
+            timing.update(select_s=selected - start, surgery_s=time.perf_counter() - copied)
         after = per_sample(report.after.totals(), batch_size)
         rows[name] = {
             "sparsity": kappa,
@@ -110,7 +115,8 @@ def prune_all(
             "repaired_layers": selection.repaired_layers,
         }
         models[name] = pruned
-    return analysis, rows, models, max_sparsity, pruning_time
+    timing["pruning_s"] = timing["analysis_s"] + timing["select_s"] + timing["surgery_s"]
+    return analysis, rows, models, max_sparsity, timing
 
 
 def curves(
@@ -133,22 +139,56 @@ def curves(
     return out
 
 
+def plot_curves(curve: dict[str, list[dict[str, float]]], title: str, path: Any) -> None:
+    """Fig. 5.9 as a PNG: GFLOPs and memory against neuron sparsity, w/o and w/ reweighting (needs
+    matplotlib, the ``bench`` extra; skipped with a message without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (the bench extra; pip install matplotlib): Fig. 5.9 PNG skipped")
+        return
+    labels = {"vanilla": "w/o reweighting (vanilla NP)", "ranp_f": "w/ reweighting (RANP-f)"}
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for axis, resource, unit in zip(axes, ("gflops", "memory_mb"), ("GFLOPs", "Memory (MB)")):
+        for method, series in curve.items():
+            sparsity = [100 * point["sparsity"] for point in series]
+            axis.plot(sparsity, [point[resource] for point in series], "o-", label=labels[method])
+        axis.set_xlabel("neuron sparsity (%)")
+        axis.set_ylabel(unit)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
 def train(model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float, seed: int) -> float:
-    """``steps`` Adam steps over ``loader`` (cycled); returns the last loss."""
+    """``steps`` Adam steps over ``loader`` (cycled), the learning rate cosine-annealed to zero; returns
+    the last loss. Convolution weight gradients are computed as forward convolutions (same values,
+    several times faster on the CPU)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     model.train()
     loss = torch.zeros(())
     done = 0
-    while done < steps:
-        for batch in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == steps:
-                break
+    with fast_conv_weight_grad(model):
+        while done < steps:
+            for batch in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model, batch)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                done += 1
+                if done == steps:
+                    break
     return float(loss.detach())
 
 
@@ -194,9 +234,7 @@ def run_experiment(
     num_classes: int,
 ) -> dict[str, Any]:
     prune_batches = [b for _, b in zip(range(args.n_batches), datamodule.train_dataloader())]
-    analysis, rows, models, maxima, pruning_time = prune_all(
-        model, prune_batches, loss_fn, lam, args.sparsity
-    )
+    analysis, rows, models, maxima, timing = prune_all(model, prune_batches, loss_fn, lam, args.sparsity)
     batch_size = int(prune_batches[0]["image"].shape[0])
     metric_name = "mIoU" if segmentation else "Top-1"
     if args.train_steps > 0:
@@ -210,7 +248,7 @@ def run_experiment(
             rows[name]["final_loss"] = last
             rows[name][metric_name] = evaluate(net, datamodule.val_dataloader(), num_classes, segmentation)
     payoff = {
-        "pruning_s": pruning_time,
+        **timing,
         "full": step_cost(copy.deepcopy(models["Full"]), prune_batches[0], loss_fn),
         "ranp_f": step_cost(copy.deepcopy(models["RANP-f"]), prune_batches[0], loss_fn),
     }
@@ -245,7 +283,9 @@ def run_experiment(
     print(markdown_table(["method", "max sparsity (%)"], [[m, f"{100 * v:.2f}"] for m, v in maxima.items()]))
     full, slim = payoff["full"], payoff["ranp_f"]
     print(
-        f"\nPruning (RANP-f, {args.n_batches} batches): {payoff['pruning_s']:.1f} s. "
+        f"\nPruning (RANP-f, {args.n_batches} batches of {batch_size}): {payoff['pruning_s']:.1f} s "
+        f"(importance {payoff['analysis_s']:.1f} s, selection {payoff['select_s']:.2f} s, "
+        f"surgery {payoff['surgery_s']:.1f} s). "
         f"One training step, full vs RANP-f: peak memory {full['peak_memory_mib']:.1f} vs "
         f"{slim['peak_memory_mib']:.1f} MiB "
         f"({full['peak_memory_mib'] / slim['peak_memory_mib']:.1f}x), time {full['step_ms']:.0f} vs "
@@ -259,6 +299,7 @@ def run_experiment(
             for p in series
         ]
         print(markdown_table(["method", "sparsity(%)", "GFLOPs", "Memory(MB)"], curve_rows))
+        plot_curves(curve, title, RESULTS / f"ranp_fig5_9_{key}.png")
     return {
         "title": title,
         "lambda": lam,
@@ -275,14 +316,16 @@ def run_experiment(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=32, help="volume side (thesis: 64)")
+    parser.add_argument("--size", type=int, default=24, help="volume side (thesis: 64)")
     parser.add_argument("--base-width", type=int, default=16, help="3D-UNet base width (thesis: 64)")
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--sparsity", type=float, default=None, help="default: vanilla NP's largest")
+    parser.add_argument(
+        "--sparsity", type=float, default=0.8, help="3D-UNet neuron sparsity (0: vanilla NP's largest)"
+    )
     parser.add_argument("--n-batches", type=int, default=4, help="batches of the importance (Alg. 5)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--train-steps", type=int, default=120, help="0: resources only")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-steps", type=int, default=300, help="0: resources only")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine to zero)")
     parser.add_argument(
         "--train-manners", type=lambda s: s.split(","), default=None, help='e.g. "Full,RANP-f" (default: all)'
     )
@@ -293,31 +336,37 @@ def main() -> None:
     parser.add_argument("--clip-frames", type=int, default=8)
     parser.add_argument("--clip-size", type=int, default=32)
     parser.add_argument("--clip-classes", type=int, default=8)
-    parser.add_argument("--clip-width", type=float, default=1.0, help="MobileNetV2-3D width multiplier")
+    parser.add_argument("--clip-width", type=float, default=0.5, help="MobileNetV2-3D width multiplier")
+    parser.add_argument("--clip-batch-size", type=int, default=8)
+    parser.add_argument("--clip-sparsity", type=float, default=None, help="default: vanilla NP's largest")
+    parser.add_argument("--clip-train-steps", type=int, default=200, help="0: resources only")
     parser.add_argument("--curve-points", type=int, default=6)
     parser.add_argument("--skip-clips", action="store_true")
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    suffix = f"_k{args.sparsity}" if args.sparsity else ""
-    if args.train_manners:
-        suffix += f"_{'+'.join(args.train_manners)}_steps{args.train_steps}".replace(" ", "")
+    def suffix(run: argparse.Namespace) -> str:
+        text = f"_k{run.sparsity}" if run.sparsity else ""
+        if run.train_manners:
+            text += f"_{'+'.join(run.train_manners)}_steps{run.train_steps}".replace(" ", "")
+        return text
+
     results: dict[str, Any] = {}
-    path = RESULTS / "ranp.json"
-    if path.exists():
-        results = json.loads(path.read_text())
     if not args.skip_unet:
         torch.manual_seed(args.seed)
         volumes = SyntheticVolumes(
-            args.classes, args.size, n_train=32, n_val=8, batch_size=args.batch_size, seed=args.seed
+            args.classes, args.size, n_train=32, n_val=16, batch_size=args.batch_size, seed=args.seed
         )
         unet = UNet3D(1, args.classes, 15, base_width=args.base_width)
-        key = f"unet3d15_w{args.base_width}_s{args.size}" + suffix
+        key = f"unet3d15_w{args.base_width}_s{args.size}" + suffix(args)
         title = f"3D-UNet (15 layers, base width {args.base_width}) on SyntheticVolumes {args.size}^3"
         results[key] = run_experiment(key, title, unet, volumes, seg_loss, args, args.lam, True, args.classes)
         results[key]["machine"] = machine()
     if not args.skip_clips:
+        clip_args = argparse.Namespace(
+            **{**vars(args), "sparsity": args.clip_sparsity, "train_steps": args.clip_train_steps}
+        )
         torch.manual_seed(args.seed)
         clips = SyntheticClips(
             args.clip_classes,
@@ -325,18 +374,21 @@ def main() -> None:
             args.clip_size,
             n_train=128,
             n_val=64,
-            batch_size=max(args.batch_size, 8),
+            batch_size=args.clip_batch_size,
             seed=args.seed,
         )
         net = MobileNetV2_3D(args.clip_classes, width_mult=args.clip_width)
-        key = f"mobilenetv2_3d_w{args.clip_width}_t{args.clip_frames}_s{args.clip_size}" + suffix
+        key = f"mobilenetv2_3d_w{args.clip_width}_t{args.clip_frames}_s{args.clip_size}" + suffix(clip_args)
         frames = f"{args.clip_frames}x{args.clip_size}^2"
         title = f"MobileNetV2-3D (width {args.clip_width}) on SyntheticClips {frames}"
         results[key] = run_experiment(
-            key, title, net, clips, clip_loss, args, args.lam_clips, False, args.clip_classes
+            key, title, net, clips, clip_loss, clip_args, args.lam_clips, False, args.clip_classes
         )
         results[key]["machine"] = machine()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "ranp.json"
+    if path.exists():  # read last: runs of other configurations may have written meanwhile
+        results = {**json.loads(path.read_text()), **results}
     path.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {path}")
 

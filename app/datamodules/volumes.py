@@ -113,7 +113,36 @@ def render_clip(
     return clip
 
 
-class VolumesDataset(Dataset):
+class _SyntheticSplit(Dataset):
+    """One split of a synthetic dataset; sample ``index`` is drawn by :meth:`_sample` from a generator
+    seeded with ``(seed, split, index)``."""
+
+    def __init__(self, split: str, length: int, noise_std: float, seed: int) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.split = split
+        self.length = length
+        self.noise_std = noise_std
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples")
+        sample = self._sample(np.random.default_rng([self.seed, SPLITS[self.split], index]))
+        return {**sample, "index": torch.tensor(index, dtype=torch.long)}
+
+    def _sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class VolumesDataset(_SyntheticSplit):
     """One split of synthetic segmentation volumes; sample ``index`` depends only on ``(seed, split, index)``.
 
     Args:
@@ -134,37 +163,18 @@ class VolumesDataset(Dataset):
         noise_std: float = 0.2,
         seed: int = 0,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+        super().__init__(split, length, noise_std, seed)
         if not 2 <= num_classes <= 9:
             raise ValueError(f"num_classes must be in [2, 9], got {num_classes}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.split = split
-        self.length = length
         self.num_classes = num_classes
         self.shape = _size3(volume_size)
-        self.noise_std = noise_std
-        self.seed = seed
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} samples")
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+    def _sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         image, mask = render_volume(rng, self.shape, self.num_classes, self.noise_std)
-        return {
-            "image": torch.from_numpy(image)[None],
-            "mask": torch.from_numpy(mask),
-            "index": torch.tensor(index, dtype=torch.long),
-        }
+        return {"image": torch.from_numpy(image)[None], "mask": torch.from_numpy(mask)}
 
 
-class ClipsDataset(Dataset):
+class ClipsDataset(_SyntheticSplit):
     """One split of synthetic moving-pattern clips; sample ``index`` depends only on ``(seed, split, index)``.
 
     Args:
@@ -187,44 +197,51 @@ class ClipsDataset(Dataset):
         noise_std: float = 0.1,
         seed: int = 0,
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
+        super().__init__(split, length, noise_std, seed)
         if not 2 <= num_classes <= 16:
             raise ValueError(f"num_classes must be in [2, 16], got {num_classes}")
         if frames < 2:
             raise ValueError(f"frames must be >= 2 (motion needs two frames), got {frames}")
         if frame_size < 8:
             raise ValueError(f"frame_size must be >= 8, got {frame_size}")
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.split = split
-        self.length = length
         self.num_classes = num_classes
         self.frames = frames
         self.frame_size = frame_size
-        self.noise_std = noise_std
-        self.seed = seed
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} samples")
-        rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+    def _sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         label = int(rng.integers(0, self.num_classes))
         clip = render_clip(rng, label, self.num_classes, self.frames, self.frame_size, self.noise_std)
-        return {
-            "image": torch.from_numpy(clip),
-            "label": torch.tensor(label, dtype=torch.long),
-            "index": torch.tensor(index, dtype=torch.long),
-        }
+        return {"image": torch.from_numpy(clip), "label": torch.tensor(label, dtype=torch.long)}
 
 
-class SyntheticVolumes(SplitDataModule):
+class _SyntheticDataModule(SplitDataModule):
+    """Loaders over one :class:`_SyntheticSplit` dataset class per split; ``options`` are its arguments
+    after ``split`` and ``length``."""
+
+    dataset_class: type[_SyntheticSplit]
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        options: dict[str, object],
+        batch_size: int,
+        val_batch_size: int | None,
+        num_workers: int,
+        seed: int,
+    ) -> None:
+        super().__init__(batch_size, val_batch_size, num_workers, seed)
+        self.sizes = sizes
+        self.options = {**options, "seed": seed}
+        self.setup()  # datasets are lazy: building them checks the arguments now
+
+    def _make(self, split: str) -> _SyntheticSplit:
+        return self.dataset_class(split, self.sizes[split], **self.options)
+
+
+class SyntheticVolumes(_SyntheticDataModule):
     """Synthetic 3D segmentation volumes (see :func:`render_volume`) for the 3D-UNet experiments.
+
+    Batches: ``image`` (B, 1, D, H, W), ``mask`` (B, D, H, W), ``index`` (B,).
 
     Args:
         num_classes: classes including background (2 .. 9).
@@ -236,6 +253,8 @@ class SyntheticVolumes(SplitDataModule):
         num_workers: DataLoader workers.
         seed: data and shuffling seed.
     """
+
+    dataset_class = VolumesDataset
 
     def __init__(
         self,
@@ -250,21 +269,21 @@ class SyntheticVolumes(SplitDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, val_batch_size, num_workers, seed)
         self.num_classes = num_classes
         self.volume_size = volume_size
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.noise_std = noise_std
-        self.setup()  # datasets are lazy: building them checks the arguments now
+        self.class_names = ["background"] + [
+            f"{'ellipsoid' if k % 2 else 'box'} {k}" for k in range(1, max(num_classes, 1))
+        ]
+        options = {"num_classes": num_classes, "volume_size": volume_size, "noise_std": noise_std}
+        sizes = {"train": n_train, "val": n_val, "test": n_test}
+        super().__init__(sizes, options, batch_size, val_batch_size, num_workers, seed)
 
-    def _make(self, split: str) -> VolumesDataset:
-        return VolumesDataset(
-            split, self.sizes[split], self.num_classes, self.volume_size, self.noise_std, self.seed
-        )
 
-
-class SyntheticClips(SplitDataModule):
+class SyntheticClips(_SyntheticDataModule):
     """Synthetic moving-pattern clips (see :func:`render_clip`) for MobileNetV2-3D and I3D.
+
+    Batches: ``image`` (B, 3, T, H, W), ``label`` (B,), ``index`` (B,).
 
     Args:
         num_classes: motion directions (2 .. 16).
@@ -277,6 +296,8 @@ class SyntheticClips(SplitDataModule):
         num_workers: DataLoader workers.
         seed: data and shuffling seed.
     """
+
+    dataset_class = ClipsDataset
 
     def __init__(
         self,
@@ -292,21 +313,16 @@ class SyntheticClips(SplitDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, val_batch_size, num_workers, seed)
         self.num_classes = num_classes
         self.frames = frames
         self.frame_size = frame_size
-        self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.noise_std = noise_std
-        self.setup()  # datasets are lazy: building them checks the arguments now
-
-    def _make(self, split: str) -> ClipsDataset:
-        return ClipsDataset(
-            split,
-            self.sizes[split],
-            self.num_classes,
-            self.frames,
-            self.frame_size,
-            self.noise_std,
-            self.seed,
-        )
+        self.class_names = [f"motion {round(360 * k / max(num_classes, 1))} deg" for k in range(num_classes)]
+        options = {
+            "num_classes": num_classes,
+            "frames": frames,
+            "frame_size": frame_size,
+            "noise_std": noise_std,
+        }
+        sizes = {"train": n_train, "val": n_val, "test": n_test}
+        super().__init__(sizes, options, batch_size, val_batch_size, num_workers, seed)

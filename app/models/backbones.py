@@ -1,4 +1,5 @@
-"""Backbone registry: every segmentation-models-pytorch architecture with any SMP or timm encoder."""
+"""Backbone registry: every segmentation-models-pytorch architecture with any SMP or timm encoder, and
+the 3D networks of the pruning experiments (``unet3d``, ``mobilenetv2_3d``, ``i3d``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.models.nets3d import I3D, MobileNetV2_3D, UNet3D
 from app.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -83,6 +85,9 @@ def _register_smp(arch: str) -> None:
 
 for _arch in SMP_ARCHITECTURES.values():
     _register_smp(_arch)
+
+for _name, _network in (("unet3d", UNet3D), ("mobilenetv2_3d", MobileNetV2_3D), ("i3d", I3D)):
+    BACKBONES.register(_name)(_network)
 
 
 def create_backbone(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

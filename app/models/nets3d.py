@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["I3D", "INITS", "MobileNetV2_3D", "NORMS", "UNet3D", "init_weights"]
+__all__ = ["I3D", "INITS", "ClipClassifier3d", "MobileNetV2_3D", "NORMS", "UNet3D", "init_weights"]
 
 NORMS = ("batch", "group", "instance", "none")
 INITS = ("glorot", "orthogonal", "default")
@@ -191,7 +191,31 @@ class InvertedResidual3d(nn.Module):
         return x + self.block(x) if self.use_residual else self.block(x)
 
 
-class MobileNetV2_3D(nn.Module):  # noqa: N801 - the thesis' name
+class ClipClassifier3d(nn.Module):
+    """Shared tail of the clip networks: ``features`` -> global average pool -> dropout -> linear.
+
+    Shapes: ``(B, C, T, H, W) -> (B, num_classes)``.
+    """
+
+    def __init__(
+        self, features: nn.Module, channels: int, num_classes: int, dropout: float, init: str
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(channels, num_classes)
+        init_weights(self, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"input must be a clip (B, C, T, H, W), got {tuple(x.shape)}")
+        x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+class MobileNetV2_3D(ClipClassifier3d):  # noqa: N801 - the thesis' name
     """3D MobileNetV2 for clip classification (52 conv layers + a linear layer).
 
     Args:
@@ -225,7 +249,6 @@ class MobileNetV2_3D(nn.Module):  # noqa: N801 - the thesis' name
         dropout: float = 0.2,
         init: str = "glorot",
     ) -> None:
-        super().__init__()
         if num_classes < 1 or in_channels < 1 or last_channel < 1 or width_mult <= 0:
             raise ValueError("num_classes, in_channels, last_channel and width_mult must be positive")
         c = max(1, int(32 * width_mult))
@@ -236,17 +259,7 @@ class MobileNetV2_3D(nn.Module):  # noqa: N801 - the thesis' name
                 layers.append(InvertedResidual3d(c, out, s if i == 0 else (1, 1, 1), t))
                 c = out
         layers.append(ConvNormAct3d(c, last_channel, 1, activation="relu6"))
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(last_channel, num_classes)
-        init_weights(self, init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"input must be a clip (B, C, T, H, W), got {tuple(x.shape)}")
-        x = self.pool(self.features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
+        super().__init__(nn.Sequential(*layers), last_channel, num_classes, dropout, init)
 
 
 class InceptionBlock3d(nn.Module):
@@ -265,7 +278,7 @@ class InceptionBlock3d(nn.Module):
         return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)], dim=1)
 
 
-class I3D(nn.Module):
+class I3D(ClipClassifier3d):
     """Inflated Inception-V1 for clip classification (57 conv layers + a linear layer).
 
     Args:
@@ -300,7 +313,6 @@ class I3D(nn.Module):
         dropout: float = 0.5,
         init: str = "glorot",
     ) -> None:
-        super().__init__()
         if num_classes < 1 or in_channels < 1 or width_mult <= 0:
             raise ValueError("num_classes, in_channels and width_mult must be positive")
 
@@ -323,14 +335,4 @@ class I3D(nn.Module):
             block = InceptionBlock3d(c, tuple(w(x) for x in widths))
             layers.append(block)
             c = block.out_channels
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool3d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(c, num_classes)
-        init_weights(self, init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"input must be a clip (B, C, T, H, W), got {tuple(x.shape)}")
-        x = self.pool(self.features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
+        super().__init__(nn.Sequential(*layers), c, num_classes, dropout, init)

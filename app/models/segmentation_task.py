@@ -1,4 +1,5 @@
-"""SegmentationTask: backbone + optional structured head, trained and evaluated by Lightning."""
+"""SegmentationTask: backbone + optional structured head, trained and evaluated by Lightning, on images
+(B, C, H, W) or volumes (B, C, D, H, W)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -16,12 +16,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from app.crf_heads.base import StructuredHead
 from app.metrics import EdgeMetrics
-from app.pruning.callback import restore_channel_spec
+from app.models.task_base import BackboneTask
 
 Batch = Mapping[str, Any]
 
 
-class SegmentationTask(LightningModule):
+class SegmentationTask(BackboneTask):
     """Semantic segmentation with a swappable structured head.
 
     ``logits = backbone(image)``; with a head, ``refined = head(logits, batch)``. The loss is
@@ -34,8 +34,13 @@ class SegmentationTask(LightningModule):
     backbone alone (``*_backbone``), and the edge F-measure and performance ratio at 1-5 px (thesis
     Eq. 4.15-4.16).
 
+    Volumes work the same way (the 3D-UNet on ``SyntheticVolumes``): ``image`` (B, C, D, H, W) ->
+    logits (B, num_classes, D, H, W), ``mask`` (B, D, H, W); mIoU and accuracy count voxels, the edge
+    metrics are 2D only (set ``edge_tolerances: []``) and the W&B panel shows the middle slice.
+
     Args:
-        backbone: image ``(B, 3, H, W)`` -> logits ``(B, num_classes, H, W)``, e.g. ``SMPBackbone``.
+        backbone: image ``(B, 3, H, W)`` -> logits ``(B, num_classes, H, W)``, e.g. ``SMPBackbone``, or
+            a volumetric network such as ``UNet3D``.
         head: a ``StructuredHead`` or ``None``.
         num_classes: class count (the CLI links it from the datamodule).
         class_names: names used in logged image panels (linked from the datamodule).
@@ -76,16 +81,9 @@ class SegmentationTask(LightningModule):
         backbone_checkpoint: str | None = None,
         head_warmup_epochs: int = 0,
     ) -> None:
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        backbone_classes = getattr(backbone, "num_classes", num_classes)
-        if backbone_classes != num_classes:
-            raise ValueError(f"backbone predicts {backbone_classes} classes but num_classes is {num_classes}")
+        super().__init__(backbone, num_classes, class_names)
         if head_warmup_epochs < 0:
             raise ValueError(f"head_warmup_epochs must be >= 0, got {head_warmup_epochs}")
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for {num_classes} classes")
         if head is not None:
             head.set_num_classes(num_classes)
         self.save_hyperparameters(ignore=["backbone", "head"])
@@ -100,10 +98,7 @@ class SegmentationTask(LightningModule):
             )
         if freeze_backbone:  # Lightning keeps each module's mode, train() below keeps it on task.train()
             backbone.requires_grad_(False).eval()
-        self.backbone = backbone
         self.head = head
-        self.num_classes = num_classes
-        self.class_names = class_names or [f"class {i}" for i in range(num_classes)]
         self.ignore_index = ignore_index
         metrics = MetricCollection(
             {
@@ -128,7 +123,7 @@ class SegmentationTask(LightningModule):
     # ---- forward and loss -------------------------------------------------------------------------
 
     def forward(self, image: torch.Tensor, batch: Batch | None = None) -> torch.Tensor:
-        """image: (B, 3, H, W) -> final logits (B, num_classes, H, W)."""
+        """image: (B, 3, H, W) or (B, C, D, H, W) -> final logits (B, num_classes, H, W) or (..., D, H, W)."""
         return self.predict_logits({"image": image} if batch is None else batch)[0]
 
     def predict_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +209,11 @@ class SegmentationTask(LightningModule):
             self.log_dict(backbone_metrics, on_epoch=True, batch_size=batch_size)
         edges = getattr(self, f"{stage}_edges")
         if edges is not None:
+            if mask.dim() != 3:
+                raise ValueError(
+                    f"edge metrics need 2D masks (B, H, W), got {tuple(mask.shape)}: "
+                    "set edge_tolerances: [] for volumes"
+                )
             edges.update(logits.argmax(1), mask)
         return logits, backbone_logits
 
@@ -244,26 +244,13 @@ class SegmentationTask(LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": hp.lr}]
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The backbone at ``lr`` and the head's parameters at ``head_lr`` (default ``lr``)."""
+        groups = super().parameter_groups()
         if self.head is not None:
+            hp = self.hparams
             groups += self.head.param_groups(hp.head_lr if hp.head_lr is not None else hp.lr)
-        groups = [group for group in groups if group["params"]]
-        if not groups:
-            raise ValueError("SegmentationTask has no trainable parameters")
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return {"optimizer": optimizer}
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-        else:
-            scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total_steps, power=0.9)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return groups
 
     # ---- logging ------------------------------------------------------------------------------------
 
@@ -275,12 +262,19 @@ class SegmentationTask(LightningModule):
         count = min(self.hparams.log_images, logits.shape[0])
         raw = batch.get("image_raw")
         images = raw[:count] if raw is not None else batch["image"][:count]
+        mask = batch["mask"]
+        if mask.dim() == 4:  # volumes: the middle slice
+            middle = mask.shape[1] // 2
+            images, mask = images[:, :, middle], mask[:, middle]
+            logits, backbone_logits = logits[:, :, middle], backbone_logits[:, :, middle]
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
         labels = dict(enumerate(self.class_names))
         labels[self.ignore_index] = "ignore"
         masks = []
         for i in range(count):
             layers = {
-                "ground_truth": batch["mask"][i],
+                "ground_truth": mask[i],
                 "prediction": logits[i].argmax(0),
             }
             if self.head is not None:
@@ -293,9 +287,3 @@ class SegmentationTask(LightningModule):
         ]
         for logger in loggers:
             logger.log_image(key="val/examples", images=pictures, masks=masks)
-
-    # ---- checkpoints --------------------------------------------------------------------------------
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild a RANP-pruned backbone's slim structure before its weights are loaded."""
-        restore_channel_spec(self.backbone, checkpoint)

@@ -10,6 +10,7 @@ or the Lightning callback :class:`RANP`, which prunes ``pl_module.backbone`` in 
 
 from app.pruning.api import PruningAnalysis, PruningReport, analyze_model, apply_selection, prune_at_init
 from app.pruning.callback import RANP
+from app.pruning.fast_conv import conv_weight_grad, fast_conv_weight_grad
 from app.pruning.graph import ChannelGraph, LayerChannels, trace_channel_graph
 from app.pruning.importance import ParameterMaskGradients, neuron_importance, parameter_mask_gradients
 from app.pruning.resources import LayerResources, ResourceTable, measure_resources
@@ -44,6 +45,8 @@ __all__ = [
     "apply_selection",
     "balance_layers",
     "channel_spec",
+    "conv_weight_grad",
+    "fast_conv_weight_grad",
     "measure_resources",
     "method_scores",
     "neuron_importance",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.pruning.fast_conv import fast_conv_weight_grad
 from app.pruning.graph import CONV_T_LAYERS, NEURON_LAYERS
 
 __all__ = ["ParameterMaskGradients", "neuron_importance", "parameter_mask_gradients", "per_neuron"]
@@ -114,19 +115,20 @@ def parameter_mask_gradients(
     try:
         for m in targets.values():
             m.weight.requires_grad_(True)
-        for batch in batches:
-            if n_batches is not None and count >= n_batches:
-                break
-            model.zero_grad(set_to_none=True)
-            loss = _check_loss(loss_fn(model, batch))
-            loss.backward()
-            for name, m in targets.items():
-                if m.weight.grad is None:
-                    continue
-                g = per_neuron(m, (m.weight.detach() * m.weight.grad).float())
-                absolute[name] += g.abs()
-                signed[name] += g
-            count += 1
+        with fast_conv_weight_grad(model):  # same gradients, several times faster on the CPU
+            for batch in batches:
+                if n_batches is not None and count >= n_batches:
+                    break
+                model.zero_grad(set_to_none=True)
+                loss = _check_loss(loss_fn(model, batch))
+                loss.backward()
+                for name, m in targets.items():
+                    if m.weight.grad is None:
+                        continue
+                    g = per_neuron(m, (m.weight.detach() * m.weight.grad).float())
+                    absolute[name] += g.abs()
+                    signed[name] += g
+                count += 1
     finally:
         model.zero_grad(set_to_none=True)
         for name, m in targets.items():
