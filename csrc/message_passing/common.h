@@ -14,6 +14,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #ifdef __CUDACC__
 #define APP_HOST_DEVICE __host__ __device__
 #else
@@ -181,6 +185,24 @@ struct BackwardState {
   scalar_t* grad_v;  // (threads, 2, L, L): V and V^T accumulators
 };
 
+// An uninitialised buffer like at::empty; on the CPU under Linux its memory is marked for transparent huge pages
+// before the first touch (THP "madvise" mode), so that first touch faults 2 MiB pages instead of 4 KiB ones:
+// the kernels allocate a few hundred MiB per call, and the 4 KiB page faults took a large part of a call's time.
+inline at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor buffer = at::empty(sizes, options);
+#ifdef __linux__
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + buffer.nbytes()) & ~(kHugePage - 1);
+  if (buffer.is_cpu() && first < last) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return buffer;
+}
+
+// A copy of x in a fresh empty_buffer, contiguous in x's dimension order.
+inline at::Tensor buffer_copy(const at::Tensor& x) { return empty_buffer(x.sizes(), x.options()).copy_(x); }
+
 template <typename index_t>
 at::ScalarType index_dtype() {
   return c10::CppTypeToScalarType<index_t>::value;
@@ -194,13 +216,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
                                                               int64_t kind) {
   const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
   const int64_t N = B * H * W, D = n_directions;
-  const at::Tensor theta = unary.permute({0, 2, 3, 1}).contiguous();  // (B, H, W, L)
+  const at::Tensor theta = buffer_copy(unary.permute({0, 2, 3, 1}));  // (B, H, W, L)
   const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
   const Grid<scalar_t> grid{B,         H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                             v_t.const_data_ptr<scalar_t>(), kind};
   auto index_options = unary.options().dtype(index_dtype<index_t>());
-  at::Tensor p = at::empty({n_iterations, D, B, H, W, L}, index_options);
+  at::Tensor p = empty_buffer({n_iterations, D, B, H, W, L}, index_options);
   at::Tensor q = at::empty({n_iterations, D, B, H, W}, index_options);
   auto indices = [&](int64_t it) {
     return SweepIndices<index_t>{p.mutable_data_ptr<index_t>() + it * D * N * L,
@@ -208,9 +230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
   };
   at::Tensor costs;
   if (method == kSGM) {
-    at::Tensor current = theta, messages = at::empty({D, N, L}, theta.options());
+    at::Tensor current = theta, messages = empty_buffer({D, N, L}, theta.options());
     for (int64_t it = 0; it < n_iterations; ++it) {
-      at::Tensor next = at::zeros_like(theta);
+      at::Tensor next = empty_buffer(theta.sizes(), theta.options()).zero_();
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, current.const_data_ptr<scalar_t>(), nullptr,
                                                          nullptr, messages.mutable_data_ptr<scalar_t>(),
@@ -220,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
     }
     costs = current;
   } else if (method == kTRWP) {
-    at::Tensor messages = at::zeros({D, N, L}, theta.options()), total = theta.clone();
+    at::Tensor messages = empty_buffer({D, N, L}, theta.options()).zero_(), total = buffer_copy(theta);
     for (int64_t it = 0; it < n_iterations; ++it) {
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
@@ -230,9 +252,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
     }
     costs = total;  // Eq. 3.7, kept up to date by the sweeps
   } else {
-    at::Tensor old_messages = at::zeros({D, N, L}, theta.options()), messages = at::empty_like(old_messages);
+    at::Tensor old_messages = empty_buffer({D, N, L}, theta.options()).zero_();
+    at::Tensor messages = empty_buffer({D, N, L}, theta.options());
+    at::Tensor total = empty_buffer(theta.sizes(), theta.options()), total_rows = total.view({N, L});
     for (int64_t it = 0; it < n_iterations; ++it) {
-      at::Tensor total = theta + old_messages.sum(0).view_as(theta);
+      at::sum_out(total_rows, old_messages, at::IntArrayRef{0}).add_(theta.view({N, L}));
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
                                                          old_messages.const_data_ptr<scalar_t>(),
@@ -242,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
     }
     costs = theta + old_messages.sum(0).view_as(theta);  // Eq. 3.7
   }
-  return {costs.view({B, H, W, L}).permute({0, 3, 1, 2}).contiguous(), p, q};
+  return {buffer_copy(costs.view({B, H, W, L}).permute({0, 3, 1, 2})), p, q};
 }
 
 // Reverse-mode replay of forward_kernel from the stored indices (Alg. 3-4).
@@ -254,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
                                                                int64_t n_directions, int64_t n_iterations) {
   const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
   const int64_t N = B * H * W, D = n_directions, K = D / 2;
-  const at::Tensor g = grad_costs.permute({0, 2, 3, 1}).contiguous();  // (B, H, W, L)
+  const at::Tensor g = buffer_copy(grad_costs.permute({0, 2, 3, 1}));  // (B, H, W, L)
   const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
@@ -272,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   at::Tensor grad_unary;
   if (method == kTRWP) {
     // Message m^d has gradient C + E[d]; C is also theta's. Sweeps run in reverse order (Alg. 4).
-    at::Tensor common = g.clone(), extra = at::zeros({D, N, L}, g.options());
+    at::Tensor common = buffer_copy(g), extra = empty_buffer({D, N, L}, g.options()).zero_();
     state.common = common.mutable_data_ptr<scalar_t>();
     state.extra = extra.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
@@ -281,9 +305,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     grad_unary = common;
   } else if (method == kISGMR) {
     // After each iteration's replay, m^{2k} and m^{2k+1} share one gradient G[k] (Alg. 3).
-    at::Tensor pair_grads = g.unsqueeze(0).expand({K, B, H, W, L}).contiguous().view({K, N, L});
-    at::Tensor pending = at::empty_like(pair_grads);
-    grad_unary = g.clone();
+    at::Tensor pair_grads = buffer_copy(g.unsqueeze(0).expand({K, B, H, W, L})).view({K, N, L});
+    at::Tensor pending = empty_buffer({K, N, L}, g.options());
+    grad_unary = buffer_copy(g);
     state.extra = pair_grads.mutable_data_ptr<scalar_t>();
     state.pending = pending.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
@@ -291,12 +315,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
       for (int64_t r = 0; r < D; r += 2) run(it, r, state);
       const at::Tensor base_grad = pending.sum(0);  // gradient of theta + sum of all previous messages
       grad_unary.view({N, L}).add_(base_grad);
-      pair_grads.copy_(base_grad.unsqueeze(0) - pending);
+      at::sub_out(pair_grads, base_grad.unsqueeze(0), pending);
     }
   } else {
-    at::Tensor current = g.clone();
+    at::Tensor current = buffer_copy(g);
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
-      at::Tensor previous = at::zeros_like(current);
+      at::Tensor previous = empty_buffer(current.sizes(), current.options()).zero_();
       state.common = current.mutable_data_ptr<scalar_t>();
       state.extra = previous.mutable_data_ptr<scalar_t>();
       for (int64_t r = 0; r < D; r += 2) run(it, r, state);
@@ -306,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   }
   const at::Tensor v_sums = grad_v.sum(0);
   at::Tensor grad_pairwise = v_sums[0] + v_sums[1].t();
-  return {grad_unary.view({B, H, W, L}).permute({0, 3, 1, 2}).contiguous(), grad_pairwise, grad_weights};
+  return {buffer_copy(grad_unary.view({B, H, W, L}).permute({0, 3, 1, 2})), grad_pairwise, grad_weights};
 }
 
 template <typename F>

@@ -1,0 +1,360 @@
+// Body of the CPU sweeps (thesis Alg. 1-4), included by cpu.cpp once per instruction set, each time inside its
+// own namespace (the baseline x86-64 / non-x86 build and an AVX2 variant selected at run time). No include guard
+// on purpose; cpu.cpp includes the standard and ATen headers this body needs before it.
+//
+// OpenMP (at::parallel_for) over the independent scanlines of a direction, label loops contiguous and vectorised
+// (messages are stored labels-last, (B, H, W, L)). Scanlines that cross image rows are processed in lockstep, a
+// block of neighbouring scanlines row by row, so that every step reads and writes one contiguous run of pixels
+// (no strided walks). The forward stores the argmin indices p (per message label) and q (per message) of every
+// sweep; the backward replays them in reverse and needs no other forward state (Sec. 3.7.4).
+
+constexpr int64_t kBlockPixels = 16;  // pixels of one image row that one task handles per step (lockstep mode)
+
+inline int64_t ceil_div(int64_t a, int64_t d) { return a >= 0 ? (a + d - 1) / d : -((-a) / d); }
+
+// Runs the sweeps of the opposite directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11): each parallel task
+// takes a set of scanlines (shared by both directions) and sweeps it in direction r_first, then in
+// r_first ^ 1, while its pixels are still in cache. Exact: a sweep reads and writes only the pixels of its own
+// scanline, which no other task touches. Scanlines are visited predecessors first (successors first when
+// reverse, for the backward). make_visitor(r) is called once per parallel chunk and direction and returns
+// visit(b, pixel, predecessor, has_successor, slot): predecessor is the in-image pixel index (y W + x) of the
+// message's sender or -1 at a scanline's first node; slot in [0, 2 kBlockPixels) is constant along a scanline
+// and distinct between the scanlines a task interleaves (per-scanline scratch state).
+//
+// Horizontal steps: one task per image row. Other steps (dy, dx), |dy| in {1, 2}: the scanlines are the sets of
+// constant key k = x ay - y ax with (ay, ax) = +-(dy, dx), ay > 0; a task takes a block of consecutive keys and
+// visits them row by row (lockstep), each row's members being a contiguous run of x.
+template <typename scalar_t, typename MakeVisitor>
+void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const MakeVisitor& make_visitor) {
+  int64_t dy, dx;
+  direction_step(r_first, dy, dx);
+  const int64_t H = grid.height, W = grid.width, B = grid.batch;
+  auto inside = [&](int64_t y, int64_t x) { return y >= 0 && y < H && x >= 0 && x < W; };
+  if (dy == 0) {
+    auto sweep_row = [&](auto& visit, int64_t b, int64_t y, int64_t step) {
+      const bool ascending = (step > 0) != reverse;
+      for (int64_t s = 0; s < W; ++s) {
+        const int64_t x = ascending ? s : W - 1 - s;
+        visit(b, y * W + x, inside(y, x - step) ? y * W + x - step : -1, inside(y, x + step), 0);
+      }
+    };
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      auto first = make_visitor(r_first);
+      auto second = make_visitor(r_first ^ 1);
+      for (int64_t task = begin; task < end; ++task) {
+        sweep_row(first, task / H, task % H, dx);
+        sweep_row(second, task / H, task % H, -dx);
+      }
+    });
+    return;
+  }
+  const int64_t ay = dy > 0 ? dy : -dy, ax = dy > 0 ? dx : -dx;
+  const int64_t key_lo = std::min<int64_t>(0, -(H - 1) * ax);
+  const int64_t key_hi = (W - 1) * ay + std::max<int64_t>(0, -(H - 1) * ax) + 1;
+  const int64_t span = kBlockPixels * ay, n_blocks = ceil_div(key_hi - key_lo, span);
+  auto sweep_block = [&](auto& visit, int64_t b, int64_t key0, int64_t sy, int64_t sx) {
+    const bool descending = (sy < 0) != reverse;
+    for (int64_t s = 0; s < H; ++s) {
+      const int64_t y = descending ? H - 1 - s : s;
+      const int64_t x_begin = std::max<int64_t>(0, ceil_div(key0 + y * ax, ay));
+      const int64_t x_end = std::min<int64_t>(W, ceil_div(key0 + span + y * ax, ay));
+      for (int64_t x = x_begin; x < x_end; ++x) {
+        visit(b, y * W + x, inside(y - sy, x - sx) ? (y - sy) * W + x - sx : -1, inside(y + sy, x + sx),
+              x * ay - y * ax - key0);
+      }
+    }
+  };
+  at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    auto first = make_visitor(r_first);
+    auto second = make_visitor(r_first ^ 1);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_blocks, key0 = key_lo + (task % n_blocks) * span;
+      sweep_block(first, b, key0, dy, dx);
+      sweep_block(second, b, key0, -dy, -dx);
+    }
+  });
+}
+
+// min_l a(l).
+template <typename scalar_t>
+inline scalar_t min_label(const scalar_t* a, int64_t n_labels) {
+  scalar_t low = a[0];
+#pragma omp simd reduction(min : low)
+  for (int64_t l = 1; l < n_labels; ++l) low = a[l] < low ? a[l] : low;
+  return low;
+}
+
+// The first label l with a(l) == value.
+template <typename scalar_t>
+inline int32_t first_label_of(const scalar_t* a, int64_t n_labels, scalar_t value) {
+  int32_t first = static_cast<int32_t>(n_labels);
+#pragma omp simd reduction(min : first)
+  for (int32_t l = 0; l < static_cast<int32_t>(n_labels); ++l) first = (a[l] == value && l < first) ? l : first;
+  return first;
+}
+
+// Eq. 3.5: u -= min u, returns the first argmin q (Alg. 1-2 line 10-11).
+template <typename scalar_t>
+inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
+  const scalar_t low = min_label(u, n_labels);
+  const int32_t q = first_label_of(u, n_labels, low);
+#pragma omp simd
+  for (int64_t l = 0; l < n_labels; ++l) u[l] -= low;
+  return q;
+}
+
+// Potts message fused with Eq. 3.5: m(lambda) = min(h(lambda), min h + c) - min h with c = w V(0, 1) >= 0, in
+// one pass over the labels; writes m and p, returns q. Same argmins (ties to the lower label) as the dense
+// min-convolution followed by normalise.
+template <typename scalar_t, typename index_t>
+inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+  const scalar_t low = min_label(h, n_labels);
+  const int32_t best = first_label_of(h, n_labels, low);
+  const scalar_t jump = low + jump_cost;
+  const int32_t n = static_cast<int32_t>(n_labels);
+  // Two passes: GCC vectorises neither with both stores in one loop.
+#pragma omp simd
+  for (int32_t l = 0; l < n; ++l) {
+    const scalar_t hl = h[l];
+    const bool stay = (hl < jump) | ((hl == jump) & (l < best));
+    m[l] = (stay ? hl : jump) - low;
+  }
+#pragma omp simd
+  for (int32_t l = 0; l < n; ++l) {
+    const scalar_t hl = h[l];
+    const bool stay = (hl < jump) | ((hl == jump) & (l < best));
+    p[l] = static_cast<index_t>(stay ? l : best);
+  }
+  return jump == low ? 0 : best;
+}
+
+// Forward of one message at pixel i from the sender costs h of its predecessor (Alg. 1-2 lines 7-11):
+// u = min-convolution (+ receiver), normalised in place; p and q stored.
+template <typename scalar_t, typename index_t>
+void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, scalar_t w, const scalar_t* receiver,
+                     scalar_t* u, int32_t* arg, index_t* p, index_t* q) {
+  const int64_t n_labels = grid.n_labels;
+  if (grid.kind == kPotts && receiver == nullptr) {
+    *q = static_cast<index_t>(potts_message(h, n_labels, w * grid.v_r(r)[1], u, p));
+    return;
+  }
+  min_convolve(grid.kind, h, n_labels, w, grid.v_r(r), u, arg);
+  if (receiver != nullptr) {
+#pragma omp simd
+    for (int64_t l = 0; l < n_labels; ++l) u[l] += receiver[l];
+  }
+  *q = static_cast<index_t>(normalise_labels(u, n_labels));
+  for (int64_t l = 0; l < n_labels; ++l) p[l] = static_cast<index_t>(arg[l]);
+}
+
+// Forward sweeps of the directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11; SGM Eq. 3.3).
+template <typename scalar_t, typename index_t>
+void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
+                    scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
+                    SweepIndices<index_t> iteration) {
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  scan_pair(grid, r_first, false, [&](int64_t r) {
+    scalar_t* m_r = messages + r * N * L;
+    const scalar_t* m_opp = method == kTRWP    ? messages + (r ^ 1) * N * L
+                             : method == kISGMR ? old_messages + (r ^ 1) * N * L
+                                                : nullptr;
+    const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
+    const SweepIndices<index_t> idx{iteration.p + r * N * L, iteration.q + r * N};
+    return [&, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
+            u = std::vector<scalar_t>(L), arg = std::vector<int32_t>(L)](
+               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t) mutable {
+      const int64_t i = b * P + pixel, off = i * L;
+      scalar_t* __restrict__ m_i = m_r + off;
+      index_t* __restrict__ p_i = idx.p + off;
+      if (predecessor < 0 && method != kSGM) {  // first node: no predecessor, message 0
+        std::fill(m_i, m_i + L, scalar_t(0));
+        std::fill(p_i, p_i + L, index_t(0));
+        idx.q[i] = 0;
+        return;
+      }
+      scalar_t* __restrict__ u_i = u.data();
+      if (predecessor < 0) {  // SGM path start: the normalised unary (Hirschmuller's L_r = C)
+        std::copy(unary + off, unary + off + L, u_i);
+        std::fill(p_i, p_i + L, index_t(0));
+        idx.q[i] = static_cast<index_t>(normalise_labels(u_i, L));
+      } else {
+        const int64_t joff = (b * P + predecessor) * L;
+        const scalar_t w = grid.weights[grid.weight_slot(r, b, predecessor, pixel)];
+        scalar_t* __restrict__ h_j = h.data();
+        if (method == kTRWP) {  // Eq. 3.10: rho (theta_j + sum_d m^d_j) - m^{r-}_j, latest messages
+          const scalar_t* total_j = total + joff;
+          const scalar_t* opp_j = m_opp + joff;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) h_j[l] = rho * total_j[l] - opp_j[l];
+        } else if (method == kISGMR) {  // Eq. 3.9: theta_j + m^{r,k+1}_j + sum_{d != r, r-} m^{d,k}_j
+          const scalar_t* total_j = total + joff;
+          const scalar_t* old_j = old_r + joff;
+          const scalar_t* opp_j = m_opp + joff;
+          const scalar_t* new_j = m_r + joff;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) h_j[l] = total_j[l] - old_j[l] - opp_j[l] + new_j[l];
+        } else {  // Eq. 3.3: the predecessor's SGM message
+          std::copy(m_r + joff, m_r + joff + L, h_j);
+        }
+        compute_message(grid, r, h_j, w, method == kSGM ? unary + off : nullptr, u_i, arg.data(), p_i,
+                        idx.q + i);
+      }
+      if (method == kTRWP) {
+        scalar_t* __restrict__ total_i = total + off;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          total_i[l] += u_i[l] - m_i[l];
+          m_i[l] = u_i[l];
+        }
+      } else {
+        if (method == kSGM) {
+          scalar_t* __restrict__ out_i = out + off;
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) out_i[l] += u_i[l];
+        }
+        std::copy(u_i, u_i + L, m_i);
+      }
+    };
+  });
+}
+
+// Per-thread accumulator of the diagonal of V_r's gradient, added to the thread's (L, L) buffer when destroyed
+// (at the end of a parallel chunk), so that the common p(l) = l case stays contiguous.
+template <typename scalar_t>
+struct DiagonalGradient {
+  std::vector<scalar_t> values;
+  scalar_t* gv_r = nullptr;
+
+  DiagonalGradient(int64_t n_labels, scalar_t* gv_r) : values(n_labels, scalar_t(0)), gv_r(gv_r) {}
+  DiagonalGradient(DiagonalGradient&& other) noexcept : values(std::move(other.values)), gv_r(other.gv_r) {
+    other.gv_r = nullptr;
+  }
+  DiagonalGradient(const DiagonalGradient&) = delete;
+  DiagonalGradient& operator=(const DiagonalGradient&) = delete;
+  DiagonalGradient& operator=(DiagonalGradient&&) = delete;
+  ~DiagonalGradient() {
+    if (gv_r == nullptr) return;
+    const int64_t n_labels = static_cast<int64_t>(values.size());
+    for (int64_t l = 0; l < n_labels; ++l) gv_r[l * n_labels + l] += values[l];
+  }
+};
+
+// Backward of one message (Alg. 3-4): gm (gradient of the normalised message) -> gu (Eq. 3.5 through q), then
+// scattered through p to the sender costs gs (Eq. 3.30), the edge weight (Eq. 3.33) and V_r (Eq. 3.36).
+// Vectorised for labels that keep their sender label (p(l) = l) and for those that jump to the label m0 of the
+// first jump (all of them for Potts); any other p(l) takes the scalar scatter.
+template <typename scalar_t, typename index_t>
+void message_backward(int64_t n_labels, scalar_t* __restrict__ g, index_t q, const index_t* __restrict__ p,
+                      const scalar_t* __restrict__ v_r, const scalar_t* __restrict__ v_diag, scalar_t w,
+                      scalar_t* __restrict__ gs, scalar_t* gw, scalar_t* __restrict__ gv_r,
+                      scalar_t* __restrict__ gv_diag, bool scatter) {
+  const int32_t n = static_cast<int32_t>(n_labels);
+  scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int32_t l = 0; l < n; ++l) sum += g[l];
+  g[q] -= sum;
+  if (!scatter) return;
+  scalar_t weight_grad = 0;
+  int32_t first_jump = n;
+#pragma omp simd reduction(+ : weight_grad) reduction(min : first_jump)
+  for (int32_t l = 0; l < n; ++l) {
+    const int32_t stays = static_cast<int32_t>(p[l]) == l;
+    const scalar_t kept = g[l] * static_cast<scalar_t>(stays);  // masks by product: GCC keeps it branch-free
+    gs[l] = kept;
+    weight_grad += kept * v_diag[l];
+    gv_diag[l] += w * kept;
+    const int32_t candidate = stays ? n : l;
+    first_jump = candidate < first_jump ? candidate : first_jump;
+  }
+  if (first_jump < n) {
+    const int32_t m0 = static_cast<int32_t>(p[first_jump]);
+    const scalar_t* __restrict__ v_row = v_r + m0 * n_labels;
+    scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
+    scalar_t to_m0 = 0;
+    int32_t n_other = 0;
+#pragma omp simd reduction(+ : weight_grad, to_m0, n_other)
+    for (int32_t l = 0; l < n; ++l) {
+      const int32_t m = static_cast<int32_t>(p[l]);
+      const scalar_t moved = g[l] * static_cast<scalar_t>((m == m0) & (m != l));
+      to_m0 += moved;
+      weight_grad += moved * v_row[l];
+      gv_row[l] += w * moved;
+      n_other += static_cast<int32_t>((m != l) & (m != m0));
+    }
+    gs[m0] += to_m0;
+    for (int32_t l = first_jump + 1; n_other > 0 && l < n; ++l) {
+      const int32_t m = static_cast<int32_t>(p[l]);
+      if (m == l || m == m0) continue;
+      gs[m] += g[l];
+      weight_grad += g[l] * v_r[m * n_labels + l];
+      gv_r[m * n_labels + l] += w * g[l];
+      --n_other;
+    }
+  }
+  *gw += weight_grad;
+}
+
+// Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4).
+template <typename scalar_t, typename index_t>
+void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
+                     SweepIndices<const index_t> iteration) {
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  std::vector<scalar_t> v_diag(L);  // the same for V and V^T
+  for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
+  scan_pair(grid, r_first, true, [&](int64_t r) {
+    scalar_t* gv_r = state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
+    const index_t* p = iteration.p + r * N * L;
+    const index_t* q = iteration.q + r * N;
+    // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
+    return [&, r, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+            carry = std::vector<scalar_t>(2 * kBlockPixels * L), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
+               int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
+      const int64_t i = b * P + pixel, off = i * L;
+      scalar_t* __restrict__ gs = carry.data() + slot * L;
+      scalar_t* __restrict__ g_i = g.data();
+      if (method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
+        scalar_t* __restrict__ c = state.common + off;
+        scalar_t* __restrict__ e_r = state.extra + r * N * L + off;
+        scalar_t* __restrict__ e_opp = state.extra + (r ^ 1) * N * L + off;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t carried = has_successor ? gs[l] : scalar_t(0);
+          c[l] += rho * carried;
+          g_i[l] = c[l] + e_r[l];
+          e_r[l] = -c[l];
+          e_opp[l] -= carried;
+        }
+      } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
+        const scalar_t* __restrict__ g_pair = state.extra + (r / 2) * N * L + off;
+        scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t carried = has_successor ? gs[l] : scalar_t(0);
+          g_i[l] = g_pair[l] + carried;
+          pending[l] += carried;
+        }
+      } else {  // SGM: h_i = m^r_i
+        const scalar_t* __restrict__ common = state.common + off;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) g_i[l] = common[l] + (has_successor ? gs[l] : scalar_t(0));
+      }
+      if (predecessor < 0 && method != kSGM) return;  // constant first message
+      const bool scatter = predecessor >= 0;
+      scalar_t w = 0;
+      scalar_t* gw = nullptr;
+      if (scatter) {
+        const int64_t slot_w = grid.weight_slot(r, b, predecessor, pixel);
+        w = grid.weights[slot_w];
+        gw = state.grad_weights + slot_w;
+      }
+      message_backward(L, g_i, q[i], p + off, v_r, v_diag.data(), w, gs, gw, gv_r, gv_diag.values.data(), scatter);
+      if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
+        scalar_t* __restrict__ grad_unary = state.extra + off;
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) grad_unary[l] += g_i[l];
+      }
+    };
+  });
+}
