@@ -7,9 +7,12 @@ superpixels), + SP with the FCN's hard superpixels (frozen), and + SP + TI: the 
 transparent-init fusion layers fine-tuned jointly (fixed learning rates, networks 10x the TI layers as the
 thesis' 1e-6 / 1e-7) from the trained networks. A control row fine-tunes the backbone alone on the same
 schedule, so the gain of + SP + TI is not mistaken for the gain of more training.
-Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100.
+Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100. The
+superpixel oracle (the ground truth averaged over each source's superpixels) bounds what +SP can reach.
+Superpixel sizes (FCN cell 4 px, SLIC with as many segments as the FCN has cells, compactness 20) were
+chosen on the training split (README "Superpixel refinement"), never on the validation split.
 
-    python benchmarks/superpixel.py [--epochs 6] [--fcn-steps 200] [--finetune-epochs 2] [--threads 1]
+    python benchmarks/superpixel.py [--epochs 6] [--fcn-steps 200] [--cell-size 4] [--finetune-epochs 2]
 
 Prints a markdown table and writes benchmarks/results/superpixel.json. The logit-consistency speed table
 (512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
@@ -25,17 +28,21 @@ import time
 import lightning as L
 import torch
 from common import machine, markdown_table, save_json
+from torchmetrics.classification import MulticlassJaccardIndex
 
 from app.crf_heads import LogitConsistency, StructuredHead, SuperpixelFusion
 from app.datamodules import SyntheticShapes
+from app.metrics import EdgeMetrics
 from app.models import SegmentationTask, SMPBackbone, SuperpixelFCN
-from app.models.superpixel_fcn import superpixel_loss
+from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
+from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
 NUM_CLASSES = 4
 
 
 def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes:
+    """The benchmark's data; SLIC ``superpixels`` segments (compactness ``args.slic_compactness``) or none."""
     return SyntheticShapes(
         num_classes=NUM_CLASSES,
         image_size=args.image_size,
@@ -43,7 +50,7 @@ def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes
         n_val=args.n_val,
         batch_size=16,
         superpixels=superpixels,
-        superpixel_compactness=20.0,
+        superpixel_compactness=args.slic_compactness,
         superpixel_sigma=1.0,
         train_augmentations=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}],
     )
@@ -74,6 +81,37 @@ def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]
     print(
         f"evaluated {type(model.head).__name__}: mIoU {row['mIoU']:.2f}, FM@1 {row['FM@1']:.2f}", flush=True
     )
+    return row
+
+
+def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -> dict[str, float]:
+    """Best achievable +SP on the validation split: the one-hot ground truth averaged over the superpixels
+    (SLIC from the batch, or the FCN's hard map) in place of the logits; mIoU and FM at 1-5 px, x100."""
+    data.setup("validate")
+    iou = MulticlassJaccardIndex(NUM_CLASSES, average="macro")
+    edges = EdgeMetrics(NUM_CLASSES, TOLERANCES)
+    straddling, superpixels, images = 0, 0, 0
+    for batch in data.val_dataloader():
+        if fcn is None:
+            segments = batch["superpixels"]
+        else:
+            with torch.no_grad():
+                segments = hard_superpixels(fcn.eval()(batch["image"]), fcn.cell_size)
+        one_hot = torch.nn.functional.one_hot(batch["mask"], NUM_CLASSES).permute(0, 3, 1, 2).float()
+        mean_one_hot = segment_mean(one_hot, segments)
+        oracle = mean_one_hot.argmax(1)
+        iou.update(oracle, batch["mask"])
+        edges.update(oracle, batch["mask"])
+        # a superpixel straddles a boundary when its mean one-hot label is not one-hot
+        for image_segments, image_purity in zip(segments, mean_one_hot.amax(1)):
+            straddling += image_segments[image_purity < 1 - 1e-6].unique().numel()
+            superpixels += image_segments.unique().numel()
+            images += 1
+    metrics = edges.compute()
+    row = {"mIoU": 100 * float(iou.compute())}
+    row.update({f"FM@{t}": 100 * float(metrics[f"edge_f1@{t}px"]) for t in TOLERANCES})
+    row["superpixels per image"] = superpixels / images
+    row["straddling %"] = 100 * straddling / superpixels
     return row
 
 
@@ -110,7 +148,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=2, help="joint fine-tuning epochs")
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="networks; TI layers get 1/10")
     parser.add_argument("--superpixel-loss-weight", type=float, default=1.0)
-    parser.add_argument("--cell-size", type=int, default=8, help="FCN grid cell (pixels)")
+    parser.add_argument("--cell-size", type=int, default=4, help="FCN grid cell (pixels)")
+    parser.add_argument(
+        "--slic-segments", type=int, default=None, help="SLIC n_segments (default: the FCN grid's cell count)"
+    )
+    parser.add_argument("--slic-compactness", type=float, default=20.0, help="SLIC compactness")
     parser.add_argument("--fcn-widths", type=int, nargs="+", default=[8, 16, 32, 32], help="FCN channels")
     parser.add_argument("--compactness", type=float, default=0.003, help="m of Eq. 4.1")
     parser.add_argument("--image-size", type=int, default=96)
@@ -124,8 +166,7 @@ def main() -> None:
     started = time.perf_counter()
     timings = {}
 
-    # SLIC with about as many segments as the FCN's grid has cells.
-    slic_segments = (args.image_size // args.cell_size) ** 2
+    slic_segments = args.slic_segments or (args.image_size // args.cell_size) ** 2
     data = shapes(args, superpixels=slic_segments)
     plain_data = shapes(args, superpixels=None)  # training needs no SLIC
 
@@ -149,6 +190,8 @@ def main() -> None:
             task(backbone, LogitConsistency(copy.deepcopy(fcn), train_fcn=False)), data
         ),
     }
+
+    oracles = {"SLIC": superpixel_oracle(data), "superpixel FCN": superpixel_oracle(data, fcn)}
 
     lr = args.finetune_lr
     fine_tuned = task(copy.deepcopy(backbone), lr=lr, scheduler="none")
@@ -178,10 +221,21 @@ def main() -> None:
     )
     print(title)
     print(markdown_table(headers, table))
+    oracle_headers = ["superpixels", *oracles["SLIC"]]
+    oracle_table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in oracles.items()]
+    print("superpixel oracle (ground truth averaged over the superpixels), validation:")
+    print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     path = save_json(
         "superpixel",
-        {"title": title, "args": vars(args), "rows": rows, "at_init": at_init, "timings_s": timings},
+        {
+            "title": title,
+            "args": vars(args),
+            "rows": rows,
+            "oracle": oracles,
+            "at_init": at_init,
+            "timings_s": timings,
+        },
     )
     print(f"saved {path}")
 
