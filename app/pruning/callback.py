@@ -21,7 +21,6 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
 
 from app.pruning.api import (
-    EMPTY_LAYER_POLICIES,
     PruningReport,
     _check_options,
     _check_sparsity,
@@ -86,8 +85,6 @@ class RANP(Callback):
         _check_sparsity(sparsity)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if on_empty_layer not in EMPTY_LAYER_POLICIES:
-            raise ValueError(f"on_empty_layer must be one of {EMPTY_LAYER_POLICIES}, got {on_empty_layer!r}")
         if n_batches < 1:
             raise ValueError(f"n_batches must be >= 1, got {n_batches}")
         self.sparsity = sparsity
