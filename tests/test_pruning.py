@@ -669,11 +669,23 @@ def test_fast_conv_weight_grad_equals_autograd(dim, geometry):
         )
 
     expected = grads()
-    with fast_conv_weight_grad(model), fast_conv_weight_grad(depthwise):
+    every_dim = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    with fast_conv_weight_grad(model, every_dim), fast_conv_weight_grad(depthwise, every_dim):
+        assert "_conv_forward" in vars(model[0]) and "_conv_forward" not in vars(depthwise)
         got = grads()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
     assert all("_conv_forward" not in vars(m) for m in [*model.modules(), depthwise])
+
+
+def test_fast_conv_weight_grad_defaults_to_3d_and_checks_types():
+    net2d, net3d = nn.Conv2d(2, 3, 3), nn.Conv3d(2, 3, 3)
+    with fast_conv_weight_grad(net2d), fast_conv_weight_grad(net3d):
+        assert "_conv_forward" not in vars(net2d)  # oneDNN's own 2D weight pass is fast
+        assert "_conv_forward" in vars(net3d)
+    with pytest.raises(ValueError, match="layer_types"):
+        with fast_conv_weight_grad(net3d, (nn.Linear,)):
+            pass
 
 
 def test_fast_conv_weight_grad_keeps_the_importance():

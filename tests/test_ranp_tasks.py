@@ -125,3 +125,23 @@ def test_segmentation_task_on_volumes():
     with_edges = SegmentationTask(UNet3D(1, 3, 7, base_width=4), num_classes=3)
     with pytest.raises(ValueError, match="edge_tolerances"):
         with_edges._evaluate(batch, "val")
+
+
+def test_training_routes_3d_weight_gradients_through_forward_convolutions(tmp_path):
+    from lightning.pytorch import Callback, Trainer
+
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append("_conv_forward" in vars(pl_module.backbone.head))
+
+    data = SyntheticVolumes(num_classes=3, volume_size=16, n_train=4, n_val=2, batch_size=2)
+    task = SegmentationTask(UNet3D(1, 3, 7, base_width=4), num_classes=3, edge_tolerances=())
+    trainer = Trainer(
+        accelerator="cpu", max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[Probe()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(task, datamodule=data)
+    assert seen == [True, True]
+    assert not any("_conv_forward" in vars(m) for m in task.backbone.modules())

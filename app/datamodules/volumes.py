@@ -6,8 +6,8 @@ triple), so runs are reproducible and every rank or worker sees the same data.
 * :class:`VolumesDataset` / :class:`SyntheticVolumes`: noisy volumes holding ellipsoids and boxes; class
   ``k >= 1`` has its own shape kind, mean intensity and stripe texture, class 0 is the background.
   Batches: ``image`` (B, 1, D, H, W) float32, ``mask`` (B, D, H, W) int64, ``index`` (B,) int64.
-* :class:`ClipsDataset` / :class:`SyntheticClips`: a coloured disc moving over a noisy background; the
-  class is the direction of motion (``num_classes`` directions evenly spaced), so a single frame does
+* :class:`ClipsDataset` / :class:`SyntheticClips`: a smooth two-colour texture translating over the frame;
+  the class is the direction of motion (``num_classes`` directions evenly spaced), so a single frame does
   not tell it. Batches: ``image`` (B, 3, T, H, W) float32, ``label`` (B,) int64, ``index`` (B,) int64.
 """
 
@@ -86,31 +86,31 @@ def render_volume(
 def render_clip(
     rng: np.random.Generator, label: int, num_classes: int, frames: int, size: int, noise_std: float
 ) -> np.ndarray:
-    """Draw one clip: a disc of random colour and radius moving in direction ``2 pi label / C``.
+    """Draw one clip: a smooth random two-colour texture translating in direction ``2 pi label / C``.
 
-    The disc starts at a random place and moves 1.5-2.5 pixels per frame, wrapping around the borders.
+    The texture is white noise low-passed in the Fourier domain (wavelengths of about ``size / 4`` and
+    longer, periodic), so every pixel moves and no single frame tells the direction. It moves 1.5-2.5
+    pixels per frame, wrapping around the borders (sub-pixel shifts applied as Fourier phase ramps).
 
     Returns:
         (3, T, S, S) float32.
     """
     angle = 2 * math.pi * label / num_classes
     speed = rng.uniform(1.5, 2.5)
-    start = rng.uniform(0, size, 2)
-    radius = rng.uniform(size / 8, size / 5)
-    colour = rng.uniform(0.4, 1.0, 3)
-    background = rng.uniform(0.0, 0.3, 3)
-    yy, xx = np.meshgrid(np.arange(size, dtype=np.float32), np.arange(size, dtype=np.float32), indexing="ij")
-    clip = np.empty((3, frames, size, size), dtype=np.float32)
-    for t in range(frames):
-        cy = (start[0] + t * speed * math.sin(angle)) % size
-        cx = (start[1] + t * speed * math.cos(angle)) % size
-        dy = np.minimum(np.abs(yy - cy), size - np.abs(yy - cy))
-        dx = np.minimum(np.abs(xx - cx), size - np.abs(xx - cx))
-        disc = (dy**2 + dx**2 <= radius**2).astype(np.float32)
-        for c in range(3):
-            clip[c, t] = background[c] + (colour[c] - background[c]) * disc
-    clip += rng.normal(0.0, noise_std, clip.shape).astype(np.float32)
-    return clip
+    frequencies = np.fft.fftfreq(size)
+    fy, fx = np.meshgrid(frequencies, frequencies, indexing="ij")
+    low_pass = np.exp(-((fy**2 + fx**2) * (size / 6.0) ** 2))
+    spectrum = np.fft.fft2(rng.normal(0.0, 1.0, (size, size))) * low_pass
+    shifts = speed * np.arange(frames)[:, None, None]  # (T, 1, 1) pixels travelled
+    phase = np.exp(-2j * math.pi * shifts * (fy * math.sin(angle) + fx * math.cos(angle)))
+    texture = np.fft.ifft2(spectrum[None] * phase).real  # (T, S, S)
+    texture = (texture - texture.mean()) / (texture.std() + 1e-8)
+    mix = 1.0 / (1.0 + np.exp(-2.0 * texture))  # in (0, 1), sharp-ish blobs
+    colour_a = rng.uniform(0.5, 1.0, 3)
+    colour_b = rng.uniform(0.0, 0.4, 3)
+    clip = colour_b[:, None, None, None] + (colour_a - colour_b)[:, None, None, None] * mix[None]
+    clip = clip + rng.normal(0.0, noise_std, clip.shape)
+    return clip.astype(np.float32)
 
 
 class _SyntheticSplit(Dataset):

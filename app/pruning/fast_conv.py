@@ -1,16 +1,17 @@
 """Convolution weight gradients as one forward convolution, for CPUs where oneDNN's is slow.
 
-On the CPU the weight gradient of ``conv3d`` (``convolution_backward``) runs about 10x slower than the
-forward convolution of the same size, and it dominates the importance pass of RANP (Alg. 5) and the
-training step of a 3D network. The same gradient is a forward convolution of the input with the output
+On AVX2 CPUs oneDNN computes the weight gradient of a 3D convolution with its im2col + GEMM
+implementation (``x64:gemm:jit`` in ``ONEDNN_VERBOSE``), several times slower than its direct JIT forward
+kernel of the same size (2D convolutions have a direct JIT weight pass and are fine), and it dominates
+the importance pass of RANP (Alg. 5) and the training step of a 3D network. The same gradient is a forward convolution of the input with the output
 gradient, batch and channels swapped:
 
 ``dW[o, i, k] = sum_{b, z} dY[b, o, z] X_pad[b, i, s z + d k]
 = conv(X^T, dY^T, stride=d, padding=p, dilation=s)[i, o, k]`` (cropped to the kernel size),
 
 for stride ``s``, padding ``p`` and dilation ``d``. :func:`fast_conv_weight_grad` routes the CPU
-convolutions (1d / 2d / 3d, zero padding, ``groups == 1``) of a model through that formula while it is
-active; the input gradient still comes from ``convolution_backward``. Results equal autograd's up to
+convolutions of a model (3D by default; 1d / 2d on request; zero padding, ``groups == 1``) through that
+formula while it is active; the input gradient still comes from ``convolution_backward``. Results equal autograd's up to
 floating-point rounding.
 """
 
@@ -85,9 +86,13 @@ class _ConvFastWeightGrad(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-def _supported(module: nn.Module) -> bool:
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SLOW_WEIGHT_GRAD_TYPES = (nn.Conv3d,)  # those oneDNN takes through im2col + GEMM on AVX2
+
+
+def _supported(module: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> bool:
     return (
-        type(module) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        type(module) in layer_types
         and module.groups == 1
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
@@ -95,15 +100,21 @@ def _supported(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def fast_conv_weight_grad(model: nn.Module) -> Iterator[None]:
+def fast_conv_weight_grad(
+    model: nn.Module, layer_types: tuple[type[nn.Module], ...] = SLOW_WEIGHT_GRAD_TYPES
+) -> Iterator[None]:
     """While active, CPU convolutions of ``model`` compute weight gradients as forward convolutions.
 
-    Applies to ``nn.Conv1d/2d/3d`` with ``groups == 1`` and zero padding on CPU tensors; other layers and
-    devices keep PyTorch's backward. The modules are restored on exit.
+    Applies to the ``layer_types`` (among ``nn.Conv1d/2d/3d``; default 3D only) with ``groups == 1`` and zero padding, on CPU
+    tensors; other layers and devices keep PyTorch's backward. The modules are restored on exit. A
+    graph built while it is active keeps the fast backward after exit.
     """
+    unknown = [t for t in layer_types if t not in CONV_TYPES]
+    if unknown:
+        raise ValueError(f"layer_types must be among {CONV_TYPES}, got {unknown}")
     patched = []
     for module in model.modules():
-        if not _supported(module) or "_conv_forward" in vars(module):
+        if not _supported(module, layer_types) or "_conv_forward" in vars(module):
             continue
         original = module._conv_forward
 
