@@ -8,6 +8,7 @@ pairwise matrix or form parameters (Eq. 3.36) and the edge weights (Eq. 3.33).
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -19,6 +20,8 @@ from app.ops.reference import Pairwise
 from app.ops.reference import message_passing as reference
 
 F64 = torch.float64
+# the module (app.ops.reference.message_passing is also the name of its function)
+reference_module = importlib.import_module("app.ops.reference.message_passing")
 COMPILED_METHODS = ("isgmr", "trwp", "sgm")
 
 
@@ -243,3 +246,157 @@ def test_potts_gradients_with_cut_edges(method):
     )
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
+
+
+# ---- mean-field (app::meanfield): the compiled op against the reference's autograd
+
+
+def meanfield_cases(n_cases: int, seed: int):
+    rng = random.Random(seed)
+    kinds = ("matrix", "potts", "truncated_linear", "truncated_quadratic")
+    return [
+        (
+            rng.choice((4, 8, 16)),
+            rng.choice(kinds),
+            rng.randint(2, 9),  # labels
+            rng.randint(1, 8),  # height
+            rng.randint(1, 8),  # width
+            rng.randint(1, 5),  # iterations
+            rng.randint(1, 2),  # batch
+        )
+        for _ in range(n_cases)
+    ]
+
+
+@pytest.mark.parametrize("case", meanfield_cases(24, seed=3), ids=str)
+def test_meanfield_forward_and_gradients_match_reference(case):
+    n_directions, kind, n_labels, height, width, n_iterations, batch = case
+    unary, matrix, weights = random_inputs(hash(case) % 1000, batch, n_labels, height, width, n_directions)
+    unary.requires_grad_()
+    weights.requires_grad_()
+    pairwise = make_pairwise(kind, matrix.requires_grad_())
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(7))
+
+    def run(fn):
+        return fn(unary, pairwise, weights, "meanfield", n_directions, n_iterations)
+
+    torch.testing.assert_close(run(message_passing), run(reference), rtol=1e-10, atol=1e-10)
+    got = _gradients(lambda u, p, w: run(message_passing), unary, pairwise, weights, grad_output)
+    expected = _gradients(lambda u, p, w: run(reference), unary, pairwise, weights, grad_output)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_meanfield_compiled_op_is_what_runs(monkeypatch):
+    """The public op calls app::meanfield (q: one distribution per iteration), never the reference; an
+    asymmetric matrix checks the V / V^T orientation of both neighbours."""
+    unary, matrix, weights = random_inputs(14, 2, 4, 5, 6, 8)
+    expected = reference(unary, matrix, weights, "meanfield", 8, 3)
+    costs, q = torch.ops.app.meanfield(unary, matrix, weights, 8, 3, 0)
+    assert q.shape == (3, 2, 5, 6, 4)
+    torch.testing.assert_close(q.sum(-1), torch.ones(3, 2, 5, 6, dtype=F64))
+    torch.testing.assert_close(q[0], torch.softmax(-unary, 1).permute(0, 2, 3, 1))
+    torch.testing.assert_close(costs, expected)
+
+    def fail(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setitem(reference_module._METHOD_FUNCTIONS, "meanfield", fail)
+    monkeypatch.setattr(reference_module, "_meanfield", fail)
+    torch.testing.assert_close(message_passing(unary, matrix, weights, "meanfield", 8, 3), expected)
+
+
+def test_meanfield_unary_gradient_without_pairwise_gradient():
+    """A pairwise that needs no gradient skips its GEMMs; the unary and edge-weight gradients are unchanged."""
+    unary, matrix, weights = random_inputs(15, 1, 5, 6, 7, 4)
+    unary.requires_grad_()
+    weights.requires_grad_()
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(8))
+    got = torch.autograd.grad(
+        message_passing(unary, matrix, weights, "meanfield", 4, 3), (unary, weights), grad_output
+    )
+    expected = torch.autograd.grad(
+        reference(unary, matrix, weights, "meanfield", 4, 3), (unary, weights), grad_output
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_meanfield_half_input_is_computed_in_float32(dtype):
+    unary, matrix, weights = random_inputs(16, 1, 4, 5, 5, 4)
+    got = message_passing(unary.to(dtype), Pairwise("potts", 0.7), weights.to(dtype), "meanfield", 4, 2)
+    expected = reference(
+        unary.to(dtype).float(), Pairwise("potts", 0.7), weights.to(dtype).float(), "meanfield", 4, 2
+    )
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_meanfield_opcheck_registrations():
+    unary, matrix, weights = random_inputs(17, 1, 3, 3, 4, 8)
+    torch.library.opcheck(
+        torch.ops.app.meanfield.default,
+        (unary.requires_grad_(), matrix.requires_grad_(), weights, 8, 2, 0),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (torch.rand(1, 3, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 2), torch.rand(1, 2, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 3, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3).double(), torch.rand(1, 2, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 6, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 4, 0, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 4, 1, 5),
+    ],
+)
+def test_meanfield_kernel_checks_its_inputs(args):
+    """Called directly, the C++ op refuses bad shapes, dtypes and arguments instead of reading out of bounds."""
+    with pytest.raises(RuntimeError, match="meanfield"):
+        torch.ops.app.meanfield(*args)
+
+
+def test_meanfield_backward_kernel_checks_q():
+    unary, matrix, weights = random_inputs(18, 1, 3, 4, 4, 4)
+    with pytest.raises(RuntimeError, match="q must be"):
+        torch.ops.app.meanfield_backward(unary, matrix, weights, unary, 4, 0, True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"unary": torch.rand(3, 4, 4)}, "unary"),
+        ({"unary": torch.full((1, 3, 4, 4), float("inf"))}, "unary"),
+        ({"pairwise": torch.rand(2, 2)}, "pairwise"),
+        ({"edge_weights": -torch.rand(1, 2, 4, 4)}, "edge_weights"),
+        ({"n_directions": 2}, "n_directions"),
+        ({"n_iterations": 0}, "n_iterations"),
+    ],
+)
+def test_meanfield_bad_input_raises_value_error(kwargs, name):
+    args = {"unary": torch.rand(1, 3, 4, 4), "pairwise": torch.rand(3, 3), "method": "meanfield"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        message_passing(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_directions", (4, 8, 16))
+@pytest.mark.parametrize("kind", ("matrix", "potts"))
+def test_cuda_meanfield_matches_reference(n_directions, kind):
+    unary, matrix, weights = random_inputs(19, 2, 6, 9, 11, n_directions)
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(9))
+
+    def gradients(device):
+        leaves = [t.to(device).requires_grad_() for t in (unary, matrix, weights)]
+        pairwise = leaves[1] if kind == "matrix" else Pairwise("potts", leaves[1][0, 1])
+        fn = message_passing if device == "cuda" else reference
+        out = fn(leaves[0], pairwise, leaves[2], "meanfield", n_directions, 3)
+        return [out, *torch.autograd.grad(out, leaves, grad_output.to(device))]
+
+    for got, expected in zip(gradients("cuda"), gradients("cpu"), strict=True):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)

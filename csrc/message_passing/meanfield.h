@@ -1,0 +1,210 @@
+// Local mean-field on a D-connected grid MRF (the MF baseline of thesis Ch. 3 tables; reference:
+// app/ops/reference/message_passing.py, `_meanfield`). Host driver shared by the CPU and CUDA kernels.
+//
+// With q^0 = softmax(-theta) and, for t = 0 .. T-1 (T = n_iterations),
+//   c^{t+1}_i = theta_i + E(q^t)_i,   q^{t+1} = softmax(-c^{t+1}),
+//   E(x)_i = sum_k [ w_k(i) (V x_{i+o_k}) + w_k(i-o_k) (V^T x_{i-o_k}) ],   (V x)(l) = sum_m V(l, m) x(m),
+// the op returns c^T. Neighbours outside the image contribute nothing. E is split into a per-pixel product,
+// a = V x and b = V^T x (O(L^2) GEMMs for a general V, O(L) for Potts: V x = c (sum(x) - x)), and a gather of
+// the neighbours' a and b (O(D L) per pixel, the device kernels). E is self-adjoint, so the backward of a
+// gradient g of c^{t+1} is the same gather of V g and V^T g; the edge-weight gradient of edge (i, j = i + o_k)
+// is q_j . (V^T g_i) + q_i . (V g_j), the pairwise gradient sum_i g_i (x) F_i + B_i (x) g_i with F_i, B_i the
+// weighted sums of the forward / backward neighbours' q (two GEMMs per iteration).
+//
+// Memory for the backward: the distributions q^0 .. q^{T-1}, T B H W L scalars of the compute dtype
+// (80 MiB in float32 at 256x512, 32 labels, 5 iterations), returned by the forward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <tuple>
+
+#include "common.h"
+
+namespace app {
+namespace meanfield {
+
+using message_passing::empty_buffer;
+using message_passing::kGeneral;
+using message_passing::kOffsets;
+using message_passing::kPotts;
+
+// out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, H, W, L)
+// labels-last; forward, backward and base may be null (that term left out). weights: (B, K, H, W).
+template <typename scalar_t>
+struct Gather {
+  int64_t batch, height, width, n_labels, n_offsets;
+  const scalar_t* weights;
+  const scalar_t* forward;
+  const scalar_t* backward;
+  const scalar_t* base;
+  scalar_t sign;
+  scalar_t* out;
+};
+
+// grad_weights[b, k, y, x] += q_j . gb_i + q_i . ga_j for every edge (i = (y, x), j = i + o_k) in the image;
+// q, ga (= V g), gb (= V^T g): (B, H, W, L).
+template <typename scalar_t>
+struct WeightGrad {
+  int64_t batch, height, width, n_labels, n_offsets;
+  const scalar_t* q;
+  const scalar_t* ga;
+  const scalar_t* gb;
+  scalar_t* grad_weights;
+};
+
+// a = V x and b = V^T x row by row, x: (N, L). Returns b (a itself where V is symmetric).
+inline at::Tensor apply_pairwise(const at::Tensor& x, const at::Tensor& v, bool symmetric, int64_t kind,
+                                 at::Tensor& a, at::Tensor& b) {
+  if (kind == kPotts) {  // V(l, m) = c [l != m]: (V x)(l) = c (sum(x) - x(l)), c = V(0, 1)
+    at::sub_out(a, x.sum(-1, true), x).mul_(v.select(0, 0).select(0, 1));
+    return a;
+  }
+  at::mm_out(a, x, v.t());
+  if (symmetric) return a;
+  at::mm_out(b, x, v);
+  return b;
+}
+
+// A Gather over `weights` with no terms yet.
+template <typename scalar_t>
+Gather<scalar_t> gather_args(const at::Tensor& weights, int64_t B, int64_t H, int64_t W, int64_t L) {
+  return Gather<scalar_t>{B, H, W, L, weights.size(1), weights.const_data_ptr<scalar_t>(), nullptr, nullptr,
+                          nullptr, scalar_t(1), nullptr};
+}
+
+template <typename Kernels, typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const at::Tensor& pairwise,
+                                                  const at::Tensor& edge_weights, int64_t n_iterations,
+                                                  int64_t kind) {
+  const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3), N = B * H * W;
+  const at::Tensor theta = message_passing::buffer_copy(unary.permute({0, 2, 3, 1})).view({N, L});
+  const at::Tensor v = pairwise.contiguous(), weights = edge_weights.contiguous();
+  const bool symmetric = kind != kGeneral || at::equal(v, v.t());
+  at::Tensor q = empty_buffer({n_iterations, N, L}, theta.options());
+  at::Tensor q_first = q[0];
+  at::_softmax_out(q_first, theta.neg(), 1, false);
+  at::Tensor a = empty_buffer({N, L}, theta.options()), b = empty_buffer({N, L}, theta.options());
+  at::Tensor costs = empty_buffer({N, L}, theta.options());
+  Gather<scalar_t> gather = gather_args<scalar_t>(weights, B, H, W, L);
+  gather.base = theta.const_data_ptr<scalar_t>();
+  for (int64_t t = 0; t < n_iterations; ++t) {
+    const at::Tensor b_t = apply_pairwise(q[t], v, symmetric, kind, a, b);
+    gather.forward = a.const_data_ptr<scalar_t>();
+    gather.backward = b_t.const_data_ptr<scalar_t>();
+    const bool last = t + 1 == n_iterations;
+    gather.sign = last ? scalar_t(1) : scalar_t(-1);  // -c^{t+1}, the softmax input, before the last iteration
+    gather.out = costs.mutable_data_ptr<scalar_t>();
+    Kernels::gather(gather);
+    if (!last) {
+      at::Tensor q_next = q[t + 1];
+      at::_softmax_out(q_next, costs, 1, false);
+    }
+  }
+  return {message_passing::buffer_copy(costs.view({B, H, W, L}).permute({0, 3, 1, 2})), q.view({n_iterations, B, H, W, L})};
+}
+
+template <typename Kernels, typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_costs,
+                                                               const at::Tensor& pairwise,
+                                                               const at::Tensor& edge_weights, const at::Tensor& q,
+                                                               int64_t kind, bool pairwise_grad) {
+  const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
+  const int64_t N = B * H * W, T = q.size(0);
+  const at::Tensor v = pairwise.contiguous(), weights = edge_weights.contiguous();
+  const bool symmetric = kind != kGeneral || at::equal(v, v.t());
+  const at::Tensor qs = q.view({T, N, L});
+  at::Tensor grad = message_passing::buffer_copy(grad_costs.permute({0, 2, 3, 1})).view({N, L});
+  at::Tensor grad_unary = grad.clone();
+  at::Tensor grad_weights = at::zeros_like(weights), grad_v = at::zeros_like(v);
+  at::Tensor a = empty_buffer({N, L}, grad.options()), b = empty_buffer({N, L}, grad.options());
+  at::Tensor grad_q = empty_buffer({N, L}, grad.options());
+  at::Tensor neighbours = pairwise_grad ? empty_buffer({N, L}, grad.options()) : at::Tensor();
+  const Gather<scalar_t> none = gather_args<scalar_t>(weights, B, H, W, L);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    // grad is the gradient of c^{t+1} = theta + E(q^t), already added to grad_unary.
+    const at::Tensor x = qs[t];
+    const at::Tensor b_t = apply_pairwise(grad, v, symmetric, kind, a, b);
+    Gather<scalar_t> gather = none;
+    gather.forward = a.const_data_ptr<scalar_t>();
+    gather.backward = b_t.const_data_ptr<scalar_t>();
+    gather.out = grad_q.mutable_data_ptr<scalar_t>();
+    Kernels::gather(gather);  // E is self-adjoint: grad of q^t = E applied to grad
+    Kernels::weight_grad(WeightGrad<scalar_t>{B, H, W, L, weights.size(1), x.const_data_ptr<scalar_t>(),
+                                              a.const_data_ptr<scalar_t>(), b_t.const_data_ptr<scalar_t>(),
+                                              grad_weights.mutable_data_ptr<scalar_t>()});
+    if (pairwise_grad) {  // sum_i grad_i (x) F_i + B_i (x) grad_i
+      for (const bool forward : {true, false}) {
+        gather = none;
+        (forward ? gather.forward : gather.backward) = x.const_data_ptr<scalar_t>();
+        gather.out = neighbours.mutable_data_ptr<scalar_t>();
+        Kernels::gather(gather);
+        if (forward) {
+          grad_v.addmm_(grad.t(), neighbours);
+        } else {
+          grad_v.addmm_(neighbours.t(), grad);
+        }
+      }
+    }
+    // q^t = softmax(-c^t): grad of c^t = -q (grad_q - <grad_q, q>); c^0 = theta, c^t = theta + E(q^{t-1}).
+    at::_softmax_backward_data_out(grad, grad_q, x, 1, grad.scalar_type()).neg_();
+    grad_unary.add_(grad);
+  }
+  return {message_passing::buffer_copy(grad_unary.view({B, H, W, L}).permute({0, 3, 1, 2})), grad_v, grad_weights};
+}
+
+inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, const at::Tensor& edge_weights,
+                         int64_t n_directions, int64_t pairwise_kind) {
+  TORCH_CHECK(unary.dim() == 4 && unary.size(1) >= 2, "meanfield: unary must be (B, L, H, W), L >= 2");
+  TORCH_CHECK(pairwise.dim() == 2 && pairwise.size(0) == unary.size(1) && pairwise.size(1) == unary.size(1),
+              "meanfield: pairwise must be (L, L)");
+  TORCH_CHECK(n_directions == 4 || n_directions == 8 || n_directions == 16,
+              "meanfield: n_directions must be 4, 8 or 16");
+  TORCH_CHECK(edge_weights.dim() == 4 && edge_weights.size(0) == unary.size(0) &&
+                  edge_weights.size(1) == n_directions / 2 && edge_weights.size(2) == unary.size(2) &&
+                  edge_weights.size(3) == unary.size(3),
+              "meanfield: edge_weights must be (B, D/2, H, W)");
+  TORCH_CHECK(pairwise.scalar_type() == unary.scalar_type() && edge_weights.scalar_type() == unary.scalar_type(),
+              "meanfield: unary, pairwise and edge_weights must share a dtype");
+  TORCH_CHECK(pairwise.device() == unary.device() && edge_weights.device() == unary.device(),
+              "meanfield: unary, pairwise and edge_weights must be on one device");
+  TORCH_CHECK(pairwise_kind == kGeneral || pairwise_kind == kPotts, "meanfield: unknown pairwise kind ",
+              pairwise_kind);
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor> meanfield_forward(const at::Tensor& unary, const at::Tensor& pairwise,
+                                                     const at::Tensor& edge_weights, int64_t n_directions,
+                                                     int64_t n_iterations, int64_t pairwise_kind) {
+  check_inputs(unary, pairwise, edge_weights, n_directions, pairwise_kind);
+  TORCH_CHECK(n_iterations >= 1, "meanfield: n_iterations must be >= 1");
+  std::tuple<at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "meanfield", [&] {
+    result = forward_kernel<Kernels, scalar_t>(unary, pairwise, edge_weights, n_iterations, pairwise_kind);
+  });
+  return result;
+}
+
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> meanfield_backward(const at::Tensor& grad_costs,
+                                                                  const at::Tensor& pairwise,
+                                                                  const at::Tensor& edge_weights, const at::Tensor& q,
+                                                                  int64_t n_directions, int64_t pairwise_kind,
+                                                                  bool pairwise_grad) {
+  check_inputs(grad_costs, pairwise, edge_weights, n_directions, pairwise_kind);
+  TORCH_CHECK(q.dim() == 5 && q.size(0) >= 1 && q.size(1) == grad_costs.size(0) && q.size(2) == grad_costs.size(2) &&
+                  q.size(3) == grad_costs.size(3) && q.size(4) == grad_costs.size(1),
+              "meanfield_backward: q must be (T, B, H, W, L)");
+  TORCH_CHECK(q.scalar_type() == grad_costs.scalar_type() && q.device() == grad_costs.device(),
+              "meanfield_backward: q must match grad_costs in dtype and device");
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(grad_costs.scalar_type(), "meanfield_backward", [&] {
+    result = backward_kernel<Kernels, scalar_t>(grad_costs, pairwise, edge_weights, q.contiguous(), pairwise_kind,
+                                                pairwise_grad);
+  });
+  return result;
+}
+
+}  // namespace meanfield
+}  // namespace app
