@@ -108,7 +108,13 @@ def _setup_context(ctx, inputs, output) -> None:
 def _meanfield_backward(ctx, grad_costs: Tensor, grad_q: Tensor | None):
     pairwise, edge_weights, q = ctx.saved_tensors
     grad_unary, grad_pairwise, grad_weights = torch.ops.app.meanfield_backward(
-        grad_costs.contiguous(), pairwise, edge_weights, q, ctx.n_directions, ctx.kind, ctx.needs_input_grad[1]
+        grad_costs.contiguous(),
+        pairwise,
+        edge_weights,
+        q,
+        ctx.n_directions,
+        ctx.kind,
+        ctx.needs_input_grad[1],
     )
     return grad_unary, grad_pairwise, grad_weights, None, None, None
 
