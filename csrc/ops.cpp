@@ -26,7 +26,7 @@ TORCH_LIBRARY(app, m) {
       "int method, int n_directions, int n_iterations) -> (Tensor, Tensor, Tensor)");
   // Local mean-field (csrc/message_passing/meanfield.h): unary (B, L, H, W), pairwise (L, L), edge_weights
   // (B, D/2, H, W), float32/float64; pairwise_kind 0 = general, 1 = Potts. Returns the costs (B, L, H, W) and the
-  // distributions q (I, B, H, W, L) of every iteration, what the backward needs.
+  // distributions q (I, B, L, H, W) of every iteration, what the backward needs.
   m.def(
       "meanfield(Tensor unary, Tensor pairwise, Tensor edge_weights, int n_directions, int n_iterations, "
       "int pairwise_kind) -> (Tensor, Tensor)");

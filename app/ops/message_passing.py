@@ -172,8 +172,7 @@ if extension_loaded():
         n_iterations: int,
         pairwise_kind: int,
     ) -> tuple[Tensor, Tensor]:
-        batch, n_labels, height, width = unary.shape
-        return torch.empty_like(unary), unary.new_empty((n_iterations, batch, height, width, n_labels))
+        return torch.empty_like(unary), unary.new_empty((n_iterations, *unary.shape))
 
     @torch.library.register_fake("app::meanfield_backward")
     def _meanfield_backward_fake(

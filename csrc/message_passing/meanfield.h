@@ -12,7 +12,9 @@
 // weighted sums of the forward / backward neighbours' q (two GEMMs per iteration).
 //
 // Memory for the backward: the distributions q^0 .. q^{T-1}, T B H W L scalars of the compute dtype
-// (80 MiB in float32 at 256x512, 32 labels, 5 iterations), returned by the forward.
+// (80 MiB in float32 at 256x512, 32 labels, 5 iterations), returned by the forward. Every buffer is (B, L, H, W)
+// like the op's inputs and outputs (no transposes); the device kernels vectorise / coalesce over the pixels of
+// an image row, the label planes being independent in the gather.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,8 +32,8 @@ using message_passing::kGeneral;
 using message_passing::kOffsets;
 using message_passing::kPotts;
 
-// out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, H, W, L)
-// labels-last; forward, backward and base may be null (that term left out). weights: (B, K, H, W).
+// out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, L, H, W);
+// forward, backward and base may be null (that term left out). weights: (B, K, H, W).
 template <typename scalar_t>
 struct Gather {
   int64_t batch, height, width, n_labels, n_offsets;
@@ -43,8 +45,8 @@ struct Gather {
   scalar_t* out;
 };
 
-// grad_weights[b, k, y, x] += q_j . gb_i + q_i . ga_j for every edge (i = (y, x), j = i + o_k) in the image;
-// q, ga (= V g), gb (= V^T g): (B, H, W, L).
+// grad_weights[b, k, y, x] += q_j . gb_i + q_i . ga_j (dot products over the labels) for every edge
+// (i = (y, x), j = i + o_k) in the image; q, ga (= V g), gb (= V^T g): (B, L, H, W).
 template <typename scalar_t>
 struct WeightGrad {
   int64_t batch, height, width, n_labels, n_offsets;
@@ -54,16 +56,20 @@ struct WeightGrad {
   scalar_t* grad_weights;
 };
 
-// a = V x and b = V^T x row by row, x: (N, L). Returns b (a itself where V is symmetric).
+// a = V x and b = V^T x at every pixel, x: (B, L, H, W). Returns b (a itself where V is symmetric).
 inline at::Tensor apply_pairwise(const at::Tensor& x, const at::Tensor& v, bool symmetric, int64_t kind,
                                  at::Tensor& a, at::Tensor& b) {
   if (kind == kPotts) {  // V(l, m) = c [l != m]: (V x)(l) = c (sum(x) - x(l)), c = V(0, 1)
-    at::sub_out(a, x.sum(-1, true), x).mul_(v.select(0, 0).select(0, 1));
+    at::sub_out(a, x.sum(1, true), x).mul_(v.select(0, 0).select(0, 1));
     return a;
   }
-  at::mm_out(a, x, v.t());
+  const int64_t B = x.size(0), L = x.size(1);
+  const at::Tensor rows = x.view({B, L, -1});
+  at::Tensor a_rows = a.view({B, L, -1});
+  at::bmm_out(a_rows, v.unsqueeze(0).expand({B, L, L}), rows);
   if (symmetric) return a;
-  at::mm_out(b, x, v);
+  at::Tensor b_rows = b.view({B, L, -1});
+  at::bmm_out(b_rows, v.t().unsqueeze(0).expand({B, L, L}), rows);
   return b;
 }
 
@@ -78,15 +84,14 @@ template <typename Kernels, typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const at::Tensor& pairwise,
                                                   const at::Tensor& edge_weights, int64_t n_iterations,
                                                   int64_t kind) {
-  const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3), N = B * H * W;
-  const at::Tensor theta = message_passing::buffer_copy(unary.permute({0, 2, 3, 1})).view({N, L});
-  const at::Tensor v = pairwise.contiguous(), weights = edge_weights.contiguous();
+  const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
+  const at::Tensor theta = unary.contiguous(), v = pairwise.contiguous(), weights = edge_weights.contiguous();
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
-  at::Tensor q = empty_buffer({n_iterations, N, L}, theta.options());
+  at::Tensor q = empty_buffer({n_iterations, B, L, H, W}, theta.options());
   at::Tensor q_first = q[0];
   at::_softmax_out(q_first, theta.neg(), 1, false);
-  at::Tensor a = empty_buffer({N, L}, theta.options()), b = empty_buffer({N, L}, theta.options());
-  at::Tensor costs = empty_buffer({N, L}, theta.options());
+  at::Tensor a = empty_buffer(theta.sizes(), theta.options()), b = empty_buffer(theta.sizes(), theta.options());
+  at::Tensor costs = empty_buffer(theta.sizes(), theta.options());
   Gather<scalar_t> gather = gather_args<scalar_t>(weights, B, H, W, L);
   gather.base = theta.const_data_ptr<scalar_t>();
   for (int64_t t = 0; t < n_iterations; ++t) {
@@ -102,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const
       at::_softmax_out(q_next, costs, 1, false);
     }
   }
-  return {message_passing::buffer_copy(costs.view({B, H, W, L}).permute({0, 3, 1, 2})), q.view({n_iterations, B, H, W, L})};
+  return {costs, q};
 }
 
 template <typename Kernels, typename scalar_t>
@@ -111,39 +116,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
                                                                const at::Tensor& edge_weights, const at::Tensor& q,
                                                                int64_t kind, bool pairwise_grad) {
   const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
-  const int64_t N = B * H * W, T = q.size(0);
+  const int64_t T = q.size(0);
   const at::Tensor v = pairwise.contiguous(), weights = edge_weights.contiguous();
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
-  const at::Tensor qs = q.view({T, N, L});
-  at::Tensor grad = message_passing::buffer_copy(grad_costs.permute({0, 2, 3, 1})).view({N, L});
-  at::Tensor grad_unary = grad.clone();
+  at::Tensor grad = message_passing::buffer_copy(grad_costs);
+  at::Tensor grad_unary = message_passing::buffer_copy(grad);
   at::Tensor grad_weights = at::zeros_like(weights), grad_v = at::zeros_like(v);
-  at::Tensor a = empty_buffer({N, L}, grad.options()), b = empty_buffer({N, L}, grad.options());
-  at::Tensor grad_q = empty_buffer({N, L}, grad.options());
-  at::Tensor neighbours = pairwise_grad ? empty_buffer({N, L}, grad.options()) : at::Tensor();
+  const auto options = grad.options();
+  at::Tensor a = empty_buffer(grad.sizes(), options), b = empty_buffer(grad.sizes(), options);
+  at::Tensor grad_q = empty_buffer(grad.sizes(), options);
+  at::Tensor neighbours = pairwise_grad ? empty_buffer(grad.sizes(), options) : at::Tensor();
   const Gather<scalar_t> none = gather_args<scalar_t>(weights, B, H, W, L);
   for (int64_t t = T - 1; t >= 0; --t) {
     // grad is the gradient of c^{t+1} = theta + E(q^t), already added to grad_unary.
-    const at::Tensor x = qs[t];
+    const at::Tensor x = q[t];
     const at::Tensor b_t = apply_pairwise(grad, v, symmetric, kind, a, b);
     Gather<scalar_t> gather = none;
     gather.forward = a.const_data_ptr<scalar_t>();
     gather.backward = b_t.const_data_ptr<scalar_t>();
     gather.out = grad_q.mutable_data_ptr<scalar_t>();
-    Kernels::gather(gather);  // E is self-adjoint: grad of q^t = E applied to grad
+    Kernels::gather(gather);  // E is self-adjoint: the gradient of q^t is E applied to grad
     Kernels::weight_grad(WeightGrad<scalar_t>{B, H, W, L, weights.size(1), x.const_data_ptr<scalar_t>(),
                                               a.const_data_ptr<scalar_t>(), b_t.const_data_ptr<scalar_t>(),
                                               grad_weights.mutable_data_ptr<scalar_t>()});
-    if (pairwise_grad) {  // sum_i grad_i (x) F_i + B_i (x) grad_i
+    if (pairwise_grad) {  // sum_i grad_i (x) F_i + B_i (x) grad_i, per image (L, HW) x (HW, L)
       for (const bool forward : {true, false}) {
         gather = none;
         (forward ? gather.forward : gather.backward) = x.const_data_ptr<scalar_t>();
         gather.out = neighbours.mutable_data_ptr<scalar_t>();
         Kernels::gather(gather);
-        if (forward) {
-          grad_v.addmm_(grad.t(), neighbours);
-        } else {
-          grad_v.addmm_(neighbours.t(), grad);
+        for (int64_t n = 0; n < B; ++n) {
+          const at::Tensor g_rows = grad[n].view({L, -1}), n_rows = neighbours[n].view({L, -1});
+          if (forward) {
+            grad_v.addmm_(g_rows, n_rows.t());
+          } else {
+            grad_v.addmm_(n_rows, g_rows.t());
+          }
         }
       }
     }
@@ -151,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     at::_softmax_backward_data_out(grad, grad_q, x, 1, grad.scalar_type()).neg_();
     grad_unary.add_(grad);
   }
-  return {message_passing::buffer_copy(grad_unary.view({B, H, W, L}).permute({0, 3, 1, 2})), grad_v, grad_weights};
+  return {grad_unary, grad_v, grad_weights};
 }
 
 inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, const at::Tensor& edge_weights,
@@ -193,9 +201,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meanfield_backward(const at::Tens
                                                                   int64_t n_directions, int64_t pairwise_kind,
                                                                   bool pairwise_grad) {
   check_inputs(grad_costs, pairwise, edge_weights, n_directions, pairwise_kind);
-  TORCH_CHECK(q.dim() == 5 && q.size(0) >= 1 && q.size(1) == grad_costs.size(0) && q.size(2) == grad_costs.size(2) &&
-                  q.size(3) == grad_costs.size(3) && q.size(4) == grad_costs.size(1),
-              "meanfield_backward: q must be (T, B, H, W, L)");
+  TORCH_CHECK(q.dim() == 5 && q.size(0) >= 1 && q.sizes().slice(1) == grad_costs.sizes(),
+              "meanfield_backward: q must be (T, B, L, H, W)");
   TORCH_CHECK(q.scalar_type() == grad_costs.scalar_type() && q.device() == grad_costs.device(),
               "meanfield_backward: q must match grad_costs in dtype and device");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;

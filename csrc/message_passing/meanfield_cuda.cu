@@ -1,6 +1,6 @@
-// Local mean-field on the GPU: the neighbour gather (a thread per pixel and label, coalesced over the labels-last
-// buffers) and the edge-weight gradient (a thread per edge) of meanfield.h; the products with V, the softmax and
-// the pairwise gradient are cuBLAS / ATen calls of the shared host driver.
+// Local mean-field on the GPU: the neighbour gather (a thread per label and pixel, coalesced along image rows)
+// and the edge-weight gradient (a thread per edge) of meanfield.h; the products with V, the softmax and the
+// pairwise gradient are cuBLAS / ATen calls of the shared host driver.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,10 +28,11 @@ int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThre
 template <typename scalar_t>
 __global__ void gather_kernel(Gather<scalar_t> g) {
   const int64_t L = g.n_labels, H = g.height, W = g.width, K = g.n_offsets;
-  const int64_t total = g.batch * H * W * L;
+  const int64_t total = g.batch * L * H * W;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t l = e % L, i = e / L, x = i % W, y = (i / W) % H, b = i / (W * H);
+    const int64_t x = e % W, y = (e / W) % H, b = e / (W * H * L);
+    const int64_t plane = e - y * W - x;  // element (b, l, 0, 0)
     scalar_t sum = 0;
     for (int64_t k = 0; k < K; ++k) {
       int64_t dy, dx;
@@ -39,11 +40,11 @@ __global__ void gather_kernel(Gather<scalar_t> g) {
       const scalar_t* w_plane = g.weights + (b * K + k) * H * W;
       const int64_t fy = y + dy, fx = x + dx;
       if (g.forward != nullptr && fy < H && fx >= 0 && fx < W) {
-        sum += w_plane[y * W + x] * g.forward[((b * H + fy) * W + fx) * L + l];
+        sum += w_plane[y * W + x] * g.forward[plane + fy * W + fx];
       }
       const int64_t by = y - dy, bx = x - dx;
       if (g.backward != nullptr && by >= 0 && bx >= 0 && bx < W) {
-        sum += w_plane[by * W + bx] * g.backward[((b * H + by) * W + bx) * L + l];
+        sum += w_plane[by * W + bx] * g.backward[plane + by * W + bx];
       }
     }
     g.out[e] = g.sign * ((g.base == nullptr ? scalar_t(0) : g.base[e]) + sum);
@@ -52,18 +53,18 @@ __global__ void gather_kernel(Gather<scalar_t> g) {
 
 template <typename scalar_t>
 __global__ void weight_grad_kernel(WeightGrad<scalar_t> g) {
-  const int64_t L = g.n_labels, H = g.height, W = g.width, K = g.n_offsets;
-  const int64_t total = g.batch * K * H * W;
+  const int64_t L = g.n_labels, H = g.height, W = g.width, K = g.n_offsets, HW = H * W;
+  const int64_t total = g.batch * K * HW;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t x = e % W, y = (e / W) % H, k = (e / (W * H)) % K, b = e / (W * H * K);
+    const int64_t x = e % W, y = (e / W) % H, k = (e / HW) % K, b = e / (HW * K);
     int64_t dy, dx;
     edge_offset(k, dy, dx);
     const int64_t ny = y + dy, nx = x + dx;
     if (ny >= H || nx < 0 || nx >= W) continue;
-    const int64_t i = ((b * H + y) * W + x) * L, j = ((b * H + ny) * W + nx) * L;
+    const int64_t i = b * L * HW + y * W + x, j = b * L * HW + ny * W + nx;
     scalar_t sum = 0;
-    for (int64_t l = 0; l < L; ++l) sum += g.q[j + l] * g.gb[i + l] + g.q[i + l] * g.ga[j + l];
+    for (int64_t l = 0; l < L; ++l) sum += g.q[j + l * HW] * g.gb[i + l * HW] + g.q[i + l * HW] * g.ga[j + l * HW];
     g.grad_weights[e] += sum;
   }
 }
@@ -71,7 +72,7 @@ __global__ void weight_grad_kernel(WeightGrad<scalar_t> g) {
 struct CudaKernels {
   template <typename scalar_t>
   static void gather(const Gather<scalar_t>& g) {
-    const int64_t n = g.batch * g.height * g.width * g.n_labels;
+    const int64_t n = g.batch * g.n_labels * g.height * g.width;
     gather_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(g);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
