@@ -56,14 +56,26 @@ struct WeightGrad {
   scalar_t* grad_weights;
 };
 
+// (V x)(l) = cost (sum_m x(m) - x(l)) at every pixel, the product with a Potts V(l, m) = cost [l != m]; x, out:
+// (B, L, H, W).
+template <typename scalar_t>
+struct Potts {
+  int64_t batch, height, width, n_labels;
+  const scalar_t* x;
+  scalar_t cost;
+  scalar_t* out;
+};
+
 // a = V x and b = V^T x at every pixel, x: (B, L, H, W). Returns b (a itself where V is symmetric).
-inline at::Tensor apply_pairwise(const at::Tensor& x, const at::Tensor& v, bool symmetric, int64_t kind,
-                                 at::Tensor& a, at::Tensor& b) {
-  if (kind == kPotts) {  // V(l, m) = c [l != m]: (V x)(l) = c (sum(x) - x(l)), c = V(0, 1)
-    at::sub_out(a, x.sum(1, true), x).mul_(v.select(0, 0).select(0, 1));
+template <typename Kernels, typename scalar_t>
+at::Tensor apply_pairwise(const at::Tensor& x, const at::Tensor& v, bool symmetric, int64_t kind,
+                          scalar_t potts_cost, at::Tensor& a, at::Tensor& b) {
+  const int64_t B = x.size(0), L = x.size(1);
+  if (kind == kPotts) {  // O(L)
+    Kernels::potts(
+        Potts<scalar_t>{B, x.size(2), x.size(3), L, x.const_data_ptr<scalar_t>(), potts_cost, a.mutable_data_ptr<scalar_t>()});
     return a;
   }
-  const int64_t B = x.size(0), L = x.size(1);
   const at::Tensor rows = x.view({B, L, -1});
   at::Tensor a_rows = a.view({B, L, -1});
   at::bmm_out(a_rows, v.unsqueeze(0).expand({B, L, L}), rows);
@@ -87,6 +99,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const
   const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
   const at::Tensor theta = unary.contiguous(), v = pairwise.contiguous(), weights = edge_weights.contiguous();
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
+  const scalar_t potts_cost = kind == kPotts ? v[0][1].item<scalar_t>() : scalar_t(0);  // V = c [l != m], c = V(0, 1)
   at::Tensor q = empty_buffer({n_iterations, B, L, H, W}, theta.options());
   at::Tensor q_first = q[0];
   at::_softmax_out(q_first, theta.neg(), 1, false);
@@ -95,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const
   Gather<scalar_t> gather = gather_args<scalar_t>(weights, B, H, W, L);
   gather.base = theta.const_data_ptr<scalar_t>();
   for (int64_t t = 0; t < n_iterations; ++t) {
-    const at::Tensor b_t = apply_pairwise(q[t], v, symmetric, kind, a, b);
+    const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(q[t], v, symmetric, kind, potts_cost, a, b);
     gather.forward = a.const_data_ptr<scalar_t>();
     gather.backward = b_t.const_data_ptr<scalar_t>();
     const bool last = t + 1 == n_iterations;
@@ -119,6 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const int64_t T = q.size(0);
   const at::Tensor v = pairwise.contiguous(), weights = edge_weights.contiguous();
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
+  const scalar_t potts_cost = kind == kPotts ? v[0][1].item<scalar_t>() : scalar_t(0);  // V = c [l != m], c = V(0, 1)
   at::Tensor grad = message_passing::buffer_copy(grad_costs);
   at::Tensor grad_unary = message_passing::buffer_copy(grad);
   at::Tensor grad_weights = at::zeros_like(weights), grad_v = at::zeros_like(v);
@@ -130,7 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   for (int64_t t = T - 1; t >= 0; --t) {
     // grad is the gradient of c^{t+1} = theta + E(q^t), already added to grad_unary.
     const at::Tensor x = q[t];
-    const at::Tensor b_t = apply_pairwise(grad, v, symmetric, kind, a, b);
+    const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(grad, v, symmetric, kind, potts_cost, a, b);
     Gather<scalar_t> gather = none;
     gather.forward = a.const_data_ptr<scalar_t>();
     gather.backward = b_t.const_data_ptr<scalar_t>();

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "meanfield.h"
 
@@ -60,17 +61,45 @@ struct CpuKernels {
     at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, y = row % H;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t dy = kOffsets[k][0], dx = kOffsets[k][1];
-          if (y + dy >= H) continue;
-          const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = W - std::max<int64_t>(0, dx);
-          scalar_t* grad = g.grad_weights + ((b * K + k) * H + y) * W;
-          for (int64_t l = 0; l < L; ++l) {
-            const int64_t i = (b * L + l) * HW + y * W, j = i + dy * W + dx;
-            const scalar_t *q_i = g.q + i, *q_j = g.q + j, *gb_i = g.gb + i, *ga_j = g.ga + j;
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t i = (b * L + l) * HW + y * W;
+          const scalar_t *q_i = g.q + i, *gb_i = g.gb + i;
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t dy = kOffsets[k][0], dx = kOffsets[k][1];
+            if (y + dy >= H) continue;
+            const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = W - std::max<int64_t>(0, dx);
+            const scalar_t *q_j = q_i + dy * W + dx, *ga_j = g.ga + i + dy * W + dx;
+            scalar_t* grad = g.grad_weights + ((b * K + k) * H + y) * W;
 #pragma omp simd
             for (int64_t x = x_lo; x < x_hi; ++x) grad[x] += q_j[x] * gb_i[x] + q_i[x] * ga_j[x];
           }
+        }
+      }
+    });
+  }
+
+  template <typename scalar_t>
+  static void potts(const Potts<scalar_t>& p) {
+    const int64_t H = p.height, W = p.width, L = p.n_labels, HW = H * W;
+    at::parallel_for(0, p.batch * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sums(W);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, y = row % H;
+        const scalar_t* x_row = p.x + b * L * HW + y * W;
+        scalar_t* out_row = p.out + b * L * HW + y * W;
+        std::fill(sums.begin(), sums.end(), scalar_t(0));
+        scalar_t* s = sums.data();
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t* x = x_row + l * HW;
+#pragma omp simd
+          for (int64_t c = 0; c < W; ++c) s[c] += x[c];
+        }
+        for (int64_t l = 0; l < L; ++l) {
+          const scalar_t* x = x_row + l * HW;
+          scalar_t* out = out_row + l * HW;
+          const scalar_t cost = p.cost;
+#pragma omp simd
+          for (int64_t c = 0; c < W; ++c) out[c] = cost * (s[c] - x[c]);
         }
       }
     });

@@ -1,6 +1,6 @@
-// Local mean-field on the GPU: the neighbour gather (a thread per label and pixel, coalesced along image rows)
-// and the edge-weight gradient (a thread per edge) of meanfield.h; the products with V, the softmax and the
-// pairwise gradient are cuBLAS / ATen calls of the shared host driver.
+// Local mean-field on the GPU: the neighbour gather (a thread per label and pixel, coalesced along image rows),
+// the edge-weight gradient (a thread per edge) and the Potts product (a thread per pixel) of meanfield.h; the
+// general products with V, the softmax and the pairwise gradient are cuBLAS / ATen calls of the host driver.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -69,6 +69,18 @@ __global__ void weight_grad_kernel(WeightGrad<scalar_t> g) {
   }
 }
 
+template <typename scalar_t>
+__global__ void potts_kernel(Potts<scalar_t> p) {
+  const int64_t L = p.n_labels, HW = p.height * p.width, total = p.batch * HW;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t first = (e / HW) * L * HW + e % HW;  // (b, 0, y, x)
+    scalar_t sum = 0;
+    for (int64_t l = 0; l < L; ++l) sum += p.x[first + l * HW];
+    for (int64_t l = 0; l < L; ++l) p.out[first + l * HW] = p.cost * (sum - p.x[first + l * HW]);
+  }
+}
+
 struct CudaKernels {
   template <typename scalar_t>
   static void gather(const Gather<scalar_t>& g) {
@@ -81,6 +93,13 @@ struct CudaKernels {
   static void weight_grad(const WeightGrad<scalar_t>& g) {
     const int64_t n = g.batch * g.n_offsets * g.height * g.width;
     weight_grad_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t>
+  static void potts(const Potts<scalar_t>& p) {
+    const int64_t n = p.batch * p.height * p.width;
+    potts_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
