@@ -45,12 +45,12 @@ def make_pairwise(kind: str, matrix: torch.Tensor) -> torch.Tensor | Pairwise:
     return Pairwise(kind, weight, truncation)
 
 
-def random_cases(n_cases: int, seed: int):
+def random_cases(n_cases: int, seed: int, methods: tuple[str, ...] = COMPILED_METHODS):
     rng = random.Random(seed)
     kinds = ("matrix", "potts", "truncated_linear", "truncated_quadratic")
     return [
         (
-            rng.choice(COMPILED_METHODS),
+            rng.choice(methods),
             rng.choice((4, 8, 16)),
             rng.choice(kinds),
             rng.randint(2, 7),  # labels
@@ -251,26 +251,9 @@ def test_potts_gradients_with_cut_edges(method):
 # ---- mean-field (app::meanfield): the compiled op against the reference's autograd
 
 
-def meanfield_cases(n_cases: int, seed: int):
-    rng = random.Random(seed)
-    kinds = ("matrix", "potts", "truncated_linear", "truncated_quadratic")
-    return [
-        (
-            rng.choice((4, 8, 16)),
-            rng.choice(kinds),
-            rng.randint(2, 9),  # labels
-            rng.randint(1, 8),  # height
-            rng.randint(1, 8),  # width
-            rng.randint(1, 5),  # iterations
-            rng.randint(1, 2),  # batch
-        )
-        for _ in range(n_cases)
-    ]
-
-
-@pytest.mark.parametrize("case", meanfield_cases(24, seed=3), ids=str)
+@pytest.mark.parametrize("case", random_cases(24, seed=3, methods=("meanfield",)), ids=str)
 def test_meanfield_forward_and_gradients_match_reference(case):
-    n_directions, kind, n_labels, height, width, n_iterations, batch = case
+    _, n_directions, kind, n_labels, height, width, n_iterations, batch = case
     unary, matrix, weights = random_inputs(hash(case) % 1000, batch, n_labels, height, width, n_directions)
     unary.requires_grad_()
     weights.requires_grad_()
