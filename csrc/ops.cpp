@@ -25,7 +25,7 @@ TORCH_LIBRARY(app, m) {
       "message_passing_backward(Tensor grad_costs, Tensor pairwise, Tensor edge_weights, Tensor p, Tensor q, "
       "int method, int n_directions, int n_iterations) -> (Tensor, Tensor, Tensor)");
   // Local mean-field (csrc/message_passing/meanfield.h): unary (B, L, H, W), pairwise (L, L), edge_weights
-  // (B, D/2, H, W), float32/float64; pairwise_kind 0 = general, 1 = Potts. Returns the costs (B, L, H, W) and the
+  // (B, D/2, H, W), float32/float64; pairwise_kind as for message_passing. Returns the costs (B, L, H, W) and the
   // distributions q (I, B, L, H, W) of every iteration, what the backward needs.
   m.def(
       "meanfield(Tensor unary, Tensor pairwise, Tensor edge_weights, int n_directions, int n_iterations, "

@@ -270,6 +270,25 @@ def test_meanfield_forward_and_gradients_match_reference(case):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("truncation", (0.5, 1.0, 2.0, 3.7, 30.0))
+def test_meanfield_truncated_linear_product(truncation):
+    """The O(L) truncated-linear product (prefix sums over the labels) for every reach: below one label
+    (Potts-like), integer and fractional truncations, and none within the labels; forward and gradients."""
+    unary, _, weights = random_inputs(20, 1, 12, 5, 6, 8)
+    unary.requires_grad_()
+    weights.requires_grad_()
+    params = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.6, truncation)]
+    pairwise = Pairwise("truncated_linear", *params)
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(10))
+    leaves = (unary, weights, *params)
+    results = []
+    for fn in (message_passing, reference):
+        costs = fn(unary, pairwise, weights, "meanfield", 8, 3)
+        results.append((costs, *torch.autograd.grad(costs, leaves, grad_output)))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_meanfield_compiled_op_is_what_runs(monkeypatch):
     """The public op calls app::meanfield (q: one distribution per iteration), never the reference; an
     asymmetric matrix checks the V / V^T orientation of both neighbours."""

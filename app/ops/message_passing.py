@@ -5,7 +5,7 @@ argmin indices of every message (uint8 up to 256 labels, wider above) and the ba
 reverse (Sec. 3.5.3, 3.7.4). Potts and truncated-linear :class:`~app.ops.reference.mrf.Pairwise` forms with a
 non-negative term weight take an O(L) forward path (min-convolution / distance transform). Mean-field runs its
 own compiled op (``app::meanfield``, csrc/message_passing/meanfield.h), which stores the distributions of
-every iteration for the backward (O(L) products for Potts, GEMMs for any other pairwise).
+every iteration for the backward (O(L) products for Potts and truncated linear, GEMMs for other pairwise).
 """
 
 from __future__ import annotations
@@ -72,9 +72,13 @@ def message_passing(
     unary_c, matrix, weights = prepare_mrf_inputs(unary, pairwise, edge_weights, n_directions)
     require_extension()
     if method == "meanfield":
-        kind = _POTTS if _pairwise_kind(pairwise) == _POTTS else _GENERAL
         costs, _ = torch.ops.app.meanfield(
-            unary_c.contiguous(), matrix.contiguous(), weights.contiguous(), n_directions, n_iterations, kind
+            unary_c.contiguous(),
+            matrix.contiguous(),
+            weights.contiguous(),
+            n_directions,
+            n_iterations,
+            _pairwise_kind(pairwise),
         )
     else:
         costs, _, _ = torch.ops.app.message_passing(

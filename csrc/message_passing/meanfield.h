@@ -5,8 +5,8 @@
 //   c^{t+1}_i = theta_i + E(q^t)_i,   q^{t+1} = softmax(-c^{t+1}),
 //   E(x)_i = sum_k [ w_k(i) (V x_{i+o_k}) + w_k(i-o_k) (V^T x_{i-o_k}) ],   (V x)(l) = sum_m V(l, m) x(m),
 // the op returns c^T. Neighbours outside the image contribute nothing. E is split into a per-pixel product,
-// a = V x and b = V^T x (O(L^2) GEMMs for a general V, O(L) for Potts: V x = c (sum(x) - x)), and a gather of
-// the neighbours' a and b (O(D L) per pixel, the device kernels). E is self-adjoint, so the backward of a
+// a = V x and b = V^T x (O(L^2) GEMMs for a general V, O(L) prefix sums for Potts and truncated linear), and a
+// gather of the neighbours' a and b (O(D L) per pixel, the device kernels). E is self-adjoint, so the backward of a
 // gradient g of c^{t+1} is the same gather of V g and V^T g; the edge-weight gradient of edge (i, j = i + o_k)
 // is q_j . (V^T g_i) + q_i . (V g_j), the pairwise gradient sum_i g_i (x) F_i + B_i (x) g_i with F_i, B_i the
 // weighted sums of the forward / backward neighbours' q (two GEMMs per iteration).
@@ -20,6 +20,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "common.h"
@@ -31,6 +33,7 @@ using message_passing::empty_buffer;
 using message_passing::kGeneral;
 using message_passing::kOffsets;
 using message_passing::kPotts;
+using message_passing::kTruncatedLinear;
 
 // out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, L, H, W);
 // forward, backward and base may be null (that term left out). weights: (B, K, H, W).
@@ -56,24 +59,49 @@ struct WeightGrad {
   scalar_t* grad_weights;
 };
 
-// (V x)(l) = cost (sum_m x(m) - x(l)) at every pixel, the product with a Potts V(l, m) = cost [l != m]; x, out:
-// (B, L, H, W).
+// (V x)(l) = sum_m f(|l - m|) x(m) at every pixel, with f(d) = slope d for d <= reach and cap above: the product
+// with a truncated-linear V = c min(|l - m|, T) (slope c, cap c T, reach floor T) or, with reach 0, a Potts
+// V = cap [l != m]; O(L) per pixel from prefix sums over the labels. x, out: (B, L, H, W).
 template <typename scalar_t>
-struct Potts {
+struct DistanceProduct {
   int64_t batch, height, width, n_labels;
   const scalar_t* x;
-  scalar_t cost;
+  scalar_t slope, cap;
+  int64_t reach;
   scalar_t* out;
 };
+
+// slope, cap and reach of an O(L) pairwise kind, read from V on the host (once per call).
+template <typename scalar_t>
+DistanceProduct<scalar_t> distance_product(const at::Tensor& v, int64_t kind) {
+  const int64_t L = v.size(0);
+  DistanceProduct<scalar_t> product{0, 0, 0, L, nullptr, scalar_t(0), scalar_t(0), 0, nullptr};
+  if (kind == kGeneral) return product;
+  const at::Tensor first_row = v[0].cpu();
+  const scalar_t* f = first_row.const_data_ptr<scalar_t>();
+  if (kind == kPotts) {
+    product.cap = f[1];
+    return product;
+  }
+  product.slope = f[1];  // c min(1, T)
+  product.cap = f[L - 1];  // c min(L - 1, T)
+  const double ratio = product.slope > 0 ? static_cast<double>(product.cap) / product.slope : double(L - 1);
+  product.reach = static_cast<int64_t>(std::min(std::floor(ratio), double(L - 1)));
+  return product;
+}
 
 // a = V x and b = V^T x at every pixel, x: (B, L, H, W). Returns b (a itself where V is symmetric).
 template <typename Kernels, typename scalar_t>
 at::Tensor apply_pairwise(const at::Tensor& x, const at::Tensor& v, bool symmetric, int64_t kind,
-                          scalar_t potts_cost, at::Tensor& a, at::Tensor& b) {
+                          DistanceProduct<scalar_t> product, at::Tensor& a, at::Tensor& b) {
   const int64_t B = x.size(0), L = x.size(1);
-  if (kind == kPotts) {  // O(L)
-    Kernels::potts(
-        Potts<scalar_t>{B, x.size(2), x.size(3), L, x.const_data_ptr<scalar_t>(), potts_cost, a.mutable_data_ptr<scalar_t>()});
+  if (kind != kGeneral) {  // O(L)
+    product.batch = B;
+    product.height = x.size(2);
+    product.width = x.size(3);
+    product.x = x.const_data_ptr<scalar_t>();
+    product.out = a.mutable_data_ptr<scalar_t>();
+    Kernels::distance_product(product);
     return a;
   }
   const at::Tensor rows = x.view({B, L, -1});
@@ -99,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const
   const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
   const at::Tensor theta = unary.contiguous(), v = pairwise.contiguous(), weights = edge_weights.contiguous();
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
-  const scalar_t potts_cost = kind == kPotts ? v[0][1].item<scalar_t>() : scalar_t(0);  // V = c [l != m], c = V(0, 1)
+  const DistanceProduct<scalar_t> product = distance_product<scalar_t>(v, kind);
   at::Tensor q = empty_buffer({n_iterations, B, L, H, W}, theta.options());
   at::Tensor q_first = q[0];
   at::_softmax_out(q_first, theta.neg(), 1, false);
@@ -108,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const
   Gather<scalar_t> gather = gather_args<scalar_t>(weights, B, H, W, L);
   gather.base = theta.const_data_ptr<scalar_t>();
   for (int64_t t = 0; t < n_iterations; ++t) {
-    const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(q[t], v, symmetric, kind, potts_cost, a, b);
+    const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(q[t], v, symmetric, kind, product, a, b);
     gather.forward = a.const_data_ptr<scalar_t>();
     gather.backward = b_t.const_data_ptr<scalar_t>();
     const bool last = t + 1 == n_iterations;
@@ -132,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const int64_t T = q.size(0);
   const at::Tensor v = pairwise.contiguous(), weights = edge_weights.contiguous();
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
-  const scalar_t potts_cost = kind == kPotts ? v[0][1].item<scalar_t>() : scalar_t(0);  // V = c [l != m], c = V(0, 1)
+  const DistanceProduct<scalar_t> product = distance_product<scalar_t>(v, kind);
   at::Tensor grad = message_passing::buffer_copy(grad_costs);
   at::Tensor grad_unary = message_passing::buffer_copy(grad);
   at::Tensor grad_weights = at::zeros_like(weights), grad_v = at::zeros_like(v);
@@ -144,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   for (int64_t t = T - 1; t >= 0; --t) {
     // grad is the gradient of c^{t+1} = theta + E(q^t), already added to grad_unary.
     const at::Tensor x = q[t];
-    const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(grad, v, symmetric, kind, potts_cost, a, b);
+    const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(grad, v, symmetric, kind, product, a, b);
     Gather<scalar_t> gather = none;
     gather.forward = a.const_data_ptr<scalar_t>();
     gather.backward = b_t.const_data_ptr<scalar_t>();
@@ -191,7 +219,7 @@ inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
               "meanfield: unary, pairwise and edge_weights must share a dtype");
   TORCH_CHECK(pairwise.device() == unary.device() && edge_weights.device() == unary.device(),
               "meanfield: unary, pairwise and edge_weights must be on one device");
-  TORCH_CHECK(pairwise_kind == kGeneral || pairwise_kind == kPotts, "meanfield: unknown pairwise kind ",
+  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "meanfield: unknown pairwise kind ",
               pairwise_kind);
 }
 

@@ -79,27 +79,56 @@ struct CpuKernels {
   }
 
   template <typename scalar_t>
-  static void potts(const Potts<scalar_t>& p) {
+  static void distance_product(const DistanceProduct<scalar_t>& p) {
     const int64_t H = p.height, W = p.width, L = p.n_labels, HW = H * W;
+    // One task per image row (b, y), vectorised along the row: prefix sums over the labels of x (sums) and, with a
+    // reach, of m x(m) (moments); out(l) = slope * (distance-weighted sum over |l - m| <= reach) + cap * (the rest).
     at::parallel_for(0, p.batch * H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sums(W);
+      std::vector<scalar_t> sums((L + 1) * W), moments(p.reach > 0 ? (L + 1) * W : 0);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, y = row % H;
         const scalar_t* x_row = p.x + b * L * HW + y * W;
         scalar_t* out_row = p.out + b * L * HW + y * W;
-        std::fill(sums.begin(), sums.end(), scalar_t(0));
-        scalar_t* s = sums.data();
-        for (int64_t l = 0; l < L; ++l) {
-          const scalar_t* x = x_row + l * HW;
+        std::fill(sums.begin(), sums.begin() + W, scalar_t(0));
+        for (int64_t l = 0; l < L; ++l) {  // sums[l] = sum_{m < l} x(m)
+          const scalar_t *x = x_row + l * HW, *previous = sums.data() + l * W;
+          scalar_t* next = sums.data() + (l + 1) * W;
 #pragma omp simd
-          for (int64_t c = 0; c < W; ++c) s[c] += x[c];
+          for (int64_t c = 0; c < W; ++c) next[c] = previous[c] + x[c];
+        }
+        const scalar_t* total = sums.data() + L * W;
+        const scalar_t slope = p.slope, cap = p.cap;
+        if (p.reach == 0) {  // Potts: cap (sum x - x(l))
+          for (int64_t l = 0; l < L; ++l) {
+            const scalar_t* x = x_row + l * HW;
+            scalar_t* out = out_row + l * HW;
+#pragma omp simd
+            for (int64_t c = 0; c < W; ++c) out[c] = cap * (total[c] - x[c]);
+          }
+          continue;
+        }
+        std::fill(moments.begin(), moments.begin() + W, scalar_t(0));
+        for (int64_t l = 0; l < L; ++l) {  // moments[l] = sum_{m < l} m x(m)
+          const scalar_t *x = x_row + l * HW, *previous = moments.data() + l * W;
+          scalar_t* next = moments.data() + (l + 1) * W;
+          const scalar_t label = static_cast<scalar_t>(l);
+#pragma omp simd
+          for (int64_t c = 0; c < W; ++c) next[c] = previous[c] + label * x[c];
         }
         for (int64_t l = 0; l < L; ++l) {
-          const scalar_t* x = x_row + l * HW;
+          const int64_t lo = std::max<int64_t>(0, l - p.reach), hi = std::min<int64_t>(L, l + p.reach + 1);
+          const scalar_t *s_lo = sums.data() + lo * W, *s_l = sums.data() + l * W, *s_hi = sums.data() + hi * W;
+          const scalar_t *m_lo = moments.data() + lo * W, *m_l = moments.data() + l * W;
+          const scalar_t* m_hi = moments.data() + hi * W;
+          const scalar_t label = static_cast<scalar_t>(l);
           scalar_t* out = out_row + l * HW;
-          const scalar_t cost = p.cost;
 #pragma omp simd
-          for (int64_t c = 0; c < W; ++c) out[c] = cost * (s[c] - x[c]);
+          for (int64_t c = 0; c < W; ++c) {
+            // sum over m in [lo, l) of (l - m) x(m), plus over m in [l, hi) of (m - l) x(m)
+            const scalar_t below = label * (s_l[c] - s_lo[c]) - (m_l[c] - m_lo[c]);
+            const scalar_t above = (m_hi[c] - m_l[c]) - label * (s_hi[c] - s_l[c]);
+            out[c] = slope * (below + above) + cap * (total[c] - (s_hi[c] - s_lo[c]));
+          }
         }
       }
     });

@@ -1,6 +1,7 @@
 // Local mean-field on the GPU: the neighbour gather (a thread per label and pixel, coalesced along image rows),
 // the edge-weight gradient (a thread per edge) and the Potts product (a thread per pixel) of meanfield.h; the
-// general products with V, the softmax and the pairwise gradient are cuBLAS / ATen calls of the host driver.
+// other products with V (truncated linear included), the softmax and the pairwise gradient are cuBLAS / ATen
+// calls of the host driver.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -69,15 +70,16 @@ __global__ void weight_grad_kernel(WeightGrad<scalar_t> g) {
   }
 }
 
+// Potts only (reach 0): the GPU wrappers below send truncated linear to the GEMM path.
 template <typename scalar_t>
-__global__ void potts_kernel(Potts<scalar_t> p) {
+__global__ void potts_kernel(DistanceProduct<scalar_t> p) {
   const int64_t L = p.n_labels, HW = p.height * p.width, total = p.batch * HW;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t first = (e / HW) * L * HW + e % HW;  // (b, 0, y, x)
     scalar_t sum = 0;
     for (int64_t l = 0; l < L; ++l) sum += p.x[first + l * HW];
-    for (int64_t l = 0; l < L; ++l) p.out[first + l * HW] = p.cost * (sum - p.x[first + l * HW]);
+    for (int64_t l = 0; l < L; ++l) p.out[first + l * HW] = p.cap * (sum - p.x[first + l * HW]);
   }
 }
 
@@ -97,7 +99,7 @@ struct CudaKernels {
   }
 
   template <typename scalar_t>
-  static void potts(const Potts<scalar_t>& p) {
+  static void distance_product(const DistanceProduct<scalar_t>& p) {
     const int64_t n = p.batch * p.height * p.width;
     potts_kernel<scalar_t><<<blocks_for(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -108,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& unary, const a
                                                 const at::Tensor& edge_weights, int64_t n_directions,
                                                 int64_t n_iterations, int64_t pairwise_kind) {
   const c10::cuda::CUDAGuard guard(unary.device());
-  return meanfield_forward<CudaKernels>(unary, pairwise, edge_weights, n_directions, n_iterations, pairwise_kind);
+  return meanfield_forward<CudaKernels>(unary, pairwise, edge_weights, n_directions, n_iterations,
+                                        pairwise_kind == kPotts ? kPotts : kGeneral);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_costs, const at::Tensor& pairwise,
@@ -116,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& g
                                                              int64_t n_directions, int64_t pairwise_kind,
                                                              bool pairwise_grad) {
   const c10::cuda::CUDAGuard guard(grad_costs.device());
-  return meanfield_backward<CudaKernels>(grad_costs, pairwise, edge_weights, q, n_directions, pairwise_kind,
-                                         pairwise_grad);
+  return meanfield_backward<CudaKernels>(grad_costs, pairwise, edge_weights, q, n_directions,
+                                         pairwise_kind == kPotts ? kPotts : kGeneral, pairwise_grad);
 }
 
 }  // namespace
