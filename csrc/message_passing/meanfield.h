@@ -36,7 +36,9 @@ using message_passing::kPotts;
 using message_passing::kTruncatedLinear;
 
 // out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, L, H, W);
-// forward, backward and base may be null (that term left out). weights: (B, K, H, W).
+// forward, backward and base may be null (that term left out). weights: (B, K, H, W). Kernels::softmin(gather, q,
+// scratch) writes q = softmax over the labels of -(base + the same sum) instead (base not null; scratch: a
+// (B, L, H, W) buffer it may overwrite).
 template <typename scalar_t>
 struct Gather {
   int64_t batch, height, width, n_labels, n_offsets;
@@ -129,23 +131,22 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const
   const bool symmetric = kind != kGeneral || at::equal(v, v.t());
   const DistanceProduct<scalar_t> product = distance_product<scalar_t>(v, kind);
   at::Tensor q = empty_buffer({n_iterations, B, L, H, W}, theta.options());
-  at::Tensor q_first = q[0];
-  at::_softmax_out(q_first, theta.neg(), 1, false);
   at::Tensor a = empty_buffer(theta.sizes(), theta.options()), b = empty_buffer(theta.sizes(), theta.options());
   at::Tensor costs = empty_buffer(theta.sizes(), theta.options());
   Gather<scalar_t> gather = gather_args<scalar_t>(weights, B, H, W, L);
   gather.base = theta.const_data_ptr<scalar_t>();
+  at::Tensor q_first = q[0];
+  Kernels::softmin(gather, q_first, costs);  // q^0 = softmax(-theta); costs is scratch until the last iteration
   for (int64_t t = 0; t < n_iterations; ++t) {
     const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(q[t], v, symmetric, kind, product, a, b);
     gather.forward = a.const_data_ptr<scalar_t>();
     gather.backward = b_t.const_data_ptr<scalar_t>();
-    const bool last = t + 1 == n_iterations;
-    gather.sign = last ? scalar_t(1) : scalar_t(-1);  // -c^{t+1}, the softmax input, before the last iteration
-    gather.out = costs.mutable_data_ptr<scalar_t>();
-    Kernels::gather(gather);
-    if (!last) {
+    if (t + 1 == n_iterations) {
+      gather.out = costs.mutable_data_ptr<scalar_t>();
+      Kernels::gather(gather);
+    } else {
       at::Tensor q_next = q[t + 1];
-      at::_softmax_out(q_next, costs, 1, false);
+      Kernels::softmin(gather, q_next, costs);
     }
   }
   return {costs, q};

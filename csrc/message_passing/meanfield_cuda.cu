@@ -91,6 +91,15 @@ struct CudaKernels {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // -(base + the neighbour sum) into scratch, then ATen's softmax over the labels.
+  template <typename scalar_t>
+  static void softmin(Gather<scalar_t> g, at::Tensor& q, at::Tensor& scratch) {
+    g.sign = scalar_t(-1);
+    g.out = scratch.mutable_data_ptr<scalar_t>();
+    gather(g);
+    at::_softmax_out(q, scratch, 1, false);
+  }
+
   template <typename scalar_t>
   static void weight_grad(const WeightGrad<scalar_t>& g) {
     const int64_t n = g.batch * g.n_offsets * g.height * g.width;
