@@ -289,6 +289,17 @@ def test_meanfield_truncated_linear_product(truncation):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_meanfield_float32_softmax_over_wide_costs():
+    """float32: the CPU kernel's own exponential (clamped below e^-87) keeps the softmax of costs spread over
+    hundreds of units, and a tie of the lowest costs, as accurate as the float64 reference to float32 precision."""
+    unary, matrix, weights = random_inputs(21, 1, 6, 7, 9, 4)
+    unary = unary * 100
+    unary[:, :2] = unary[:, :1]  # equal lowest candidates
+    expected = reference(unary, matrix, weights, "meanfield", 4, 3)
+    got = message_passing(unary.float(), matrix.float(), weights.float(), "meanfield", 4, 3)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_meanfield_compiled_op_is_what_runs(monkeypatch):
     """The public op calls app::meanfield (q: one distribution per iteration), never the reference; an
     asymmetric matrix checks the V / V^T orientation of both neighbours."""

@@ -38,7 +38,9 @@ using message_passing::kTruncatedLinear;
 // out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, L, H, W);
 // forward, backward and base may be null (that term left out). weights: (B, K, H, W). Kernels::softmin(gather, q,
 // scratch) writes q = softmax over the labels of -(base + the same sum) instead (base not null; scratch: a
-// (B, L, H, W) buffer it may overwrite).
+// (B, L, H, W) buffer it may overwrite). Kernels::softmin_backward(gather, q, grad, grad_unary, scratch) takes the
+// gather (no base) as the gradient g of q = softmax(-c) and sets grad = -q (g - <g, q>), the gradient of c, and
+// grad_unary += grad.
 template <typename scalar_t>
 struct Gather {
   int64_t batch, height, width, n_labels, n_offsets;
@@ -167,24 +169,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   at::Tensor grad_weights = at::zeros_like(weights), grad_v = at::zeros_like(v);
   const auto options = grad.options();
   at::Tensor a = empty_buffer(grad.sizes(), options), b = empty_buffer(grad.sizes(), options);
-  at::Tensor grad_q = empty_buffer(grad.sizes(), options);
+  at::Tensor scratch = empty_buffer(grad.sizes(), options);
   at::Tensor neighbours = pairwise_grad ? empty_buffer(grad.sizes(), options) : at::Tensor();
   const Gather<scalar_t> none = gather_args<scalar_t>(weights, B, H, W, L);
   for (int64_t t = T - 1; t >= 0; --t) {
     // grad is the gradient of c^{t+1} = theta + E(q^t), already added to grad_unary.
     const at::Tensor x = q[t];
     const at::Tensor b_t = apply_pairwise<Kernels, scalar_t>(grad, v, symmetric, kind, product, a, b);
-    Gather<scalar_t> gather = none;
-    gather.forward = a.const_data_ptr<scalar_t>();
-    gather.backward = b_t.const_data_ptr<scalar_t>();
-    gather.out = grad_q.mutable_data_ptr<scalar_t>();
-    Kernels::gather(gather);  // E is self-adjoint: the gradient of q^t is E applied to grad
     Kernels::weight_grad(WeightGrad<scalar_t>{B, H, W, L, weights.size(1), x.const_data_ptr<scalar_t>(),
                                               a.const_data_ptr<scalar_t>(), b_t.const_data_ptr<scalar_t>(),
                                               grad_weights.mutable_data_ptr<scalar_t>()});
     if (pairwise_grad) {  // sum_i grad_i (x) F_i + B_i (x) grad_i, per image (L, HW) x (HW, L)
       for (const bool forward : {true, false}) {
-        gather = none;
+        Gather<scalar_t> gather = none;
         (forward ? gather.forward : gather.backward) = x.const_data_ptr<scalar_t>();
         gather.out = neighbours.mutable_data_ptr<scalar_t>();
         Kernels::gather(gather);
@@ -198,9 +195,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
         }
       }
     }
-    // q^t = softmax(-c^t): grad of c^t = -q (grad_q - <grad_q, q>); c^0 = theta, c^t = theta + E(q^{t-1}).
-    at::_softmax_backward_data_out(grad, grad_q, x, 1, grad.scalar_type()).neg_();
-    grad_unary.add_(grad);
+    // E is self-adjoint: the gradient of q^t is the gather of a = V grad, b = V^T grad; through
+    // q^t = softmax(-c^t) it becomes the gradient of c^t (c^0 = theta, c^t = theta + E(q^{t-1})).
+    Gather<scalar_t> gather = none;
+    gather.forward = a.const_data_ptr<scalar_t>();
+    gather.backward = b_t.const_data_ptr<scalar_t>();
+    Kernels::softmin_backward(gather, x, grad, grad_unary, scratch);
   }
   return {grad_unary, grad_v, grad_weights};
 }

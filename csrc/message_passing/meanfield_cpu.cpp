@@ -135,6 +135,44 @@ struct CpuKernels {
     });
   }
 
+  // Fused: the gradient g of q (the gather) is built in grad's rows, then <g, q> over the labels and
+  // grad = -q (g - <g, q>), grad_unary += grad; one task per image row (b, y).
+  template <typename scalar_t>
+  static void softmin_backward(const Gather<scalar_t>& g, const at::Tensor& q, at::Tensor& grad,
+                               at::Tensor& grad_unary, at::Tensor&) {
+    const int64_t H = g.height, W = g.width, L = g.n_labels;
+    const scalar_t* q_data = q.const_data_ptr<scalar_t>();
+    scalar_t* grad_data = grad.mutable_data_ptr<scalar_t>();
+    scalar_t* unary_data = grad_unary.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> dot(W);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, y = row % H;
+        std::fill(dot.begin(), dot.end(), scalar_t(0));
+        scalar_t* dots = dot.data();
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t plane = (b * L + l) * H, offset = (plane + y) * W;
+          scalar_t* out = grad_data + offset;
+          gather_row(g, b, plane, y, out);
+          const scalar_t* p = q_data + offset;
+#pragma omp simd
+          for (int64_t x = 0; x < W; ++x) dots[x] += out[x] * p[x];
+        }
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t offset = ((b * L + l) * H + y) * W;
+          scalar_t* out = grad_data + offset;
+          scalar_t* unary = unary_data + offset;
+          const scalar_t* p = q_data + offset;
+#pragma omp simd
+          for (int64_t x = 0; x < W; ++x) {
+            out[x] = -p[x] * (out[x] - dots[x]);
+            unary[x] += out[x];
+          }
+        }
+      }
+    });
+  }
+
   template <typename scalar_t>
   static void weight_grad(const WeightGrad<scalar_t>& g) {
     const int64_t H = g.height, W = g.width, L = g.n_labels, K = g.n_offsets, HW = H * W;

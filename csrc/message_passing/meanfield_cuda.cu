@@ -100,6 +100,16 @@ struct CudaKernels {
     at::_softmax_out(q, scratch, 1, false);
   }
 
+  // The gather into scratch, then ATen's softmax backward.
+  template <typename scalar_t>
+  static void softmin_backward(Gather<scalar_t> g, const at::Tensor& q, at::Tensor& grad, at::Tensor& grad_unary,
+                               at::Tensor& scratch) {
+    g.out = scratch.mutable_data_ptr<scalar_t>();
+    gather(g);
+    at::_softmax_backward_data_out(grad, scratch, q, 1, grad.scalar_type()).neg_();
+    grad_unary.add_(grad);
+  }
+
   template <typename scalar_t>
   static void weight_grad(const WeightGrad<scalar_t>& g) {
     const int64_t n = g.batch * g.n_offsets * g.height * g.width;
