@@ -1,12 +1,15 @@
-"""Message-passing speed, thesis Tables 3.6-3.7 layout: TRWP and ISGMR at 4/8/16 directions, 32 and 96 labels,
-256x512, 5 iterations, forward and backward, the compiled op against the plain-PyTorch reference.
+"""Message-passing speed, thesis Tables 3.6-3.7 layout: TRWP, ISGMR and mean-field (MF) at 4/8/16 directions,
+32 and 96 labels, 256x512, 5 iterations, forward and backward, the compiled op against the plain-PyTorch
+reference.
 
     python benchmarks/message_passing_speed.py [--device cpu|cuda] [--pairwise potts|truncated_linear|matrix]
-        [--labels 32 96] [--directions 4 8 16] [--reference-directions 4] [--repeats 3]
+        [--labels 32 96] [--directions 4 8 16] [--methods trwp isgmr meanfield] [--reference-directions 4]
+        [--repeats 3]
 
 The reference is slow (a Python loop over image rows), so it is timed once and only at
-``--reference-directions``. "indices" is the backward's stored state (Sec. 3.7.4): one uint8 per label and
-message plus one per message. Prints a markdown table and writes
+``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices (Sec. 3.7.4), one
+uint8 per label and message plus one per message; for MF the distributions of every iteration, one float32 per
+label, pixel and iteration. Prints a markdown table and writes
 benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
 """
 
@@ -32,6 +35,14 @@ def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairw
     return Pairwise("truncated_quadratic", 1.0, 16.0).matrix(n_labels, device=device)
 
 
+def stored_mib(method: str, n_directions: int, n_labels: int) -> float:
+    """What the forward keeps for the backward: argmin indices, or mean-field's float32 distributions."""
+    if method == "meanfield":
+        return ITERATIONS * HEIGHT * WIDTH * n_labels * 4 / 2**20
+    messages = ITERATIONS * n_directions * HEIGHT * WIDTH
+    return messages * (n_labels + 1) * index_dtype(n_labels).itemsize / 2**20
+
+
 def time_pair(fn, unary: torch.Tensor, device: str, repeats: int) -> tuple[float, float]:
     """(forward ms, backward ms) of ``fn(unary)``, medians over ``repeats``."""
     with torch.no_grad():
@@ -55,7 +66,7 @@ def main() -> None:
     parser.add_argument("--pairwise", default="potts", choices=("potts", "truncated_linear", "matrix"))
     parser.add_argument("--labels", type=int, nargs="+", default=[32, 96])
     parser.add_argument("--directions", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--methods", nargs="+", default=["trwp", "isgmr"])
+    parser.add_argument("--methods", nargs="+", default=["trwp", "isgmr", "meanfield"])
     parser.add_argument("--reference-directions", type=int, nargs="*", default=[4])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -82,20 +93,19 @@ def main() -> None:
                     entry["reference_forward_ms"], entry["reference_backward_ms"] = time_pair(
                         plain, unary, args.device, 1
                     )
-                messages = ITERATIONS * n_directions * HEIGHT * WIDTH
-                entry["indices_mib"] = messages * (n_labels + 1) * index_dtype(n_labels).itemsize / 2**20
+                entry["stored_mib"] = stored_mib(method, n_directions, n_labels)
                 results.append(entry)
                 ref_f, ref_b = entry.get("reference_forward_ms"), entry.get("reference_backward_ms")
                 rows.append(
                     [
-                        f"{method.upper()}-{n_directions}",
+                        f"{'MF' if method == 'meanfield' else method.upper()}-{n_directions}",
                         n_labels,
                         f"{forward / 1e3:.3f}",
                         f"{backward / 1e3:.3f}",
                         "-" if ref_f is None else f"{ref_f / 1e3:.2f}",
                         "-" if ref_b is None else f"{ref_b / 1e3:.2f}",
                         "-" if ref_f is None else f"{ref_f / forward:.0f}x / {ref_b / backward:.0f}x",
-                        f"{entry['indices_mib']:.0f}",
+                        f"{entry['stored_mib']:.0f}",
                     ]
                 )
     headers = [
@@ -106,7 +116,7 @@ def main() -> None:
         "ref fwd (s)",
         "ref bwd (s)",
         "speed-up",
-        "indices (MiB)",
+        "stored (MiB)",
     ]
     print(f"{HEIGHT}x{WIDTH}, {ITERATIONS} iterations, {args.pairwise} pairwise, {machine()}\n")
     print(markdown_table(headers, rows))

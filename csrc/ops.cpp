@@ -24,6 +24,16 @@ TORCH_LIBRARY(app, m) {
   m.def(
       "message_passing_backward(Tensor grad_costs, Tensor pairwise, Tensor edge_weights, Tensor p, Tensor q, "
       "int method, int n_directions, int n_iterations) -> (Tensor, Tensor, Tensor)");
+  // Local mean-field (csrc/message_passing/meanfield.h): unary (B, L, H, W), pairwise (L, L), edge_weights
+  // (B, D/2, H, W), float32/float64; pairwise_kind as for message_passing. Returns the costs (B, L, H, W) and the
+  // distributions q (I, B, L, H, W) of every iteration, what the backward needs.
+  m.def(
+      "meanfield(Tensor unary, Tensor pairwise, Tensor edge_weights, int n_directions, int n_iterations, "
+      "int pairwise_kind) -> (Tensor, Tensor)");
+  // Gradients of unary, pairwise (zeros unless pairwise_grad) and edge_weights from the stored q.
+  m.def(
+      "meanfield_backward(Tensor grad_costs, Tensor pairwise, Tensor edge_weights, Tensor q, int n_directions, "
+      "int pairwise_kind, bool pairwise_grad) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import app._C` loads this shared library, which runs the registrations above.

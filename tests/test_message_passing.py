@@ -3,11 +3,13 @@
 Forward: equal costs on random sizes, labels, directions, iterations and pairwise forms (general matrix,
 Potts and truncated-linear O(L) paths, truncated quadratic). Backward: gradients from the stored indices
 (Alg. 3-4) equal autograd through the reference in float64 on random, tie-free inputs, for the unary, the
-pairwise matrix or form parameters (Eq. 3.36) and the edge weights (Eq. 3.33).
+pairwise matrix or form parameters (Eq. 3.36) and the edge weights (Eq. 3.33). Mean-field (its own op,
+app::meanfield, differentiated from the stored distributions) is checked the same way.
 """
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -19,6 +21,8 @@ from app.ops.reference import Pairwise
 from app.ops.reference import message_passing as reference
 
 F64 = torch.float64
+# the module (app.ops.reference.message_passing is also the name of its function)
+reference_module = importlib.import_module("app.ops.reference.message_passing")
 COMPILED_METHODS = ("isgmr", "trwp", "sgm")
 
 
@@ -42,12 +46,12 @@ def make_pairwise(kind: str, matrix: torch.Tensor) -> torch.Tensor | Pairwise:
     return Pairwise(kind, weight, truncation)
 
 
-def random_cases(n_cases: int, seed: int):
+def random_cases(n_cases: int, seed: int, methods: tuple[str, ...] = COMPILED_METHODS):
     rng = random.Random(seed)
     kinds = ("matrix", "potts", "truncated_linear", "truncated_quadratic")
     return [
         (
-            rng.choice(COMPILED_METHODS),
+            rng.choice(methods),
             rng.choice((4, 8, 16)),
             rng.choice(kinds),
             rng.randint(2, 7),  # labels
@@ -60,7 +64,9 @@ def random_cases(n_cases: int, seed: int):
     ]
 
 
-@pytest.mark.parametrize("case", random_cases(24, seed=1), ids=str)
+@pytest.mark.parametrize(
+    "case", random_cases(24, seed=1) + random_cases(16, seed=3, methods=("meanfield",)), ids=str
+)
 def test_forward_matches_reference(case):
     method, n_directions, kind, n_labels, height, width, n_iterations, batch = case
     unary, matrix, weights = random_inputs(hash(case) % 1000, batch, n_labels, height, width, n_directions)
@@ -93,7 +99,9 @@ def _gradients(fn, unary, pairwise, weights, grad_output):
     return [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads, strict=True)]
 
 
-@pytest.mark.parametrize("case", random_cases(18, seed=2), ids=str)
+@pytest.mark.parametrize(
+    "case", random_cases(18, seed=2) + random_cases(16, seed=4, methods=("meanfield",)), ids=str
+)
 def test_gradients_match_reference(case):
     method, n_directions, kind, n_labels, height, width, n_iterations, batch = case
     unary, matrix, weights = random_inputs(hash(case) % 1000, batch, n_labels, height, width, n_directions)
@@ -243,3 +251,151 @@ def test_potts_gradients_with_cut_edges(method):
     )
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
+
+
+# ---- mean-field (app::meanfield; its random cases are in the forward and gradient tests above)
+
+
+@pytest.mark.parametrize("truncation", (0.5, 1.0, 2.0, 3.7, 30.0))
+def test_meanfield_truncated_linear_product(truncation):
+    """The O(L) truncated-linear product (prefix sums over the labels) for every reach: below one label
+    (Potts-like), integer and fractional truncations, and none within the labels; forward and gradients."""
+    unary, _, weights = random_inputs(20, 1, 12, 5, 6, 8)
+    unary.requires_grad_()
+    weights.requires_grad_()
+    params = [torch.tensor(v, dtype=F64, requires_grad=True) for v in (0.6, truncation)]
+    pairwise = Pairwise("truncated_linear", *params)
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(10))
+    leaves = (unary, weights, *params)
+    results = []
+    for fn in (message_passing, reference):
+        costs = fn(unary, pairwise, weights, "meanfield", 8, 3)
+        results.append((costs, *torch.autograd.grad(costs, leaves, grad_output)))
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_meanfield_float32_softmax_over_wide_costs():
+    """float32: the CPU kernel's own exponential (clamped below e^-87) keeps the softmax of costs spread over
+    hundreds of units, and a tie of the lowest costs, as accurate as the float64 reference to float32 precision."""
+    unary, matrix, weights = random_inputs(21, 1, 6, 7, 9, 4)
+    unary = unary * 100
+    unary[:, :2] = unary[:, :1]  # equal lowest candidates
+    expected = reference(unary, matrix, weights, "meanfield", 4, 3)
+    got = message_passing(unary.float(), matrix.float(), weights.float(), "meanfield", 4, 3)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_meanfield_compiled_op_is_what_runs(monkeypatch):
+    """The public op calls app::meanfield (q: one distribution per iteration), never the reference; an
+    asymmetric matrix checks the V / V^T orientation of both neighbours."""
+    unary, matrix, weights = random_inputs(14, 2, 4, 5, 6, 8)
+    expected = reference(unary, matrix, weights, "meanfield", 8, 3)
+    costs, q = torch.ops.app.meanfield(unary, matrix, weights, 8, 3, 0)
+    assert q.shape == (3, 2, 4, 5, 6)
+    torch.testing.assert_close(q.sum(2), torch.ones(3, 2, 5, 6, dtype=F64))
+    torch.testing.assert_close(q[0], torch.softmax(-unary, 1))
+    torch.testing.assert_close(costs, expected)
+
+    def fail(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setitem(reference_module._METHOD_FUNCTIONS, "meanfield", fail)
+    monkeypatch.setattr(reference_module, "_meanfield", fail)
+    torch.testing.assert_close(message_passing(unary, matrix, weights, "meanfield", 8, 3), expected)
+
+
+def test_meanfield_unary_gradient_without_pairwise_gradient():
+    """A pairwise that needs no gradient skips its GEMMs; the unary and edge-weight gradients are unchanged."""
+    unary, matrix, weights = random_inputs(15, 1, 5, 6, 7, 4)
+    unary.requires_grad_()
+    weights.requires_grad_()
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(8))
+    got = torch.autograd.grad(
+        message_passing(unary, matrix, weights, "meanfield", 4, 3), (unary, weights), grad_output
+    )
+    expected = torch.autograd.grad(
+        reference(unary, matrix, weights, "meanfield", 4, 3), (unary, weights), grad_output
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_meanfield_half_input_is_computed_in_float32(dtype):
+    unary, matrix, weights = random_inputs(16, 1, 4, 5, 5, 4)
+    got = message_passing(unary.to(dtype), Pairwise("potts", 0.7), weights.to(dtype), "meanfield", 4, 2)
+    expected = reference(
+        unary.to(dtype).float(), Pairwise("potts", 0.7), weights.to(dtype).float(), "meanfield", 4, 2
+    )
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_meanfield_opcheck_registrations():
+    unary, matrix, weights = random_inputs(17, 1, 3, 3, 4, 8)
+    torch.library.opcheck(
+        torch.ops.app.meanfield.default,
+        (unary.requires_grad_(), matrix.requires_grad_(), weights, 8, 2, 0),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (torch.rand(1, 3, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 2), torch.rand(1, 2, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 3, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3).double(), torch.rand(1, 2, 4, 4), 4, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 6, 1, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 4, 0, 0),
+        (torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4), 4, 1, 5),
+    ],
+)
+def test_meanfield_kernel_checks_its_inputs(args):
+    """Called directly, the C++ op refuses bad shapes, dtypes and arguments instead of reading out of bounds."""
+    with pytest.raises(RuntimeError, match="meanfield"):
+        torch.ops.app.meanfield(*args)
+
+
+def test_meanfield_backward_kernel_checks_q():
+    unary, matrix, weights = random_inputs(18, 1, 3, 4, 4, 4)
+    with pytest.raises(RuntimeError, match="q must be"):
+        torch.ops.app.meanfield_backward(unary, matrix, weights, unary, 4, 0, True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"unary": torch.rand(3, 4, 4)}, "unary"),
+        ({"unary": torch.full((1, 3, 4, 4), float("inf"))}, "unary"),
+        ({"pairwise": torch.rand(2, 2)}, "pairwise"),
+        ({"edge_weights": -torch.rand(1, 2, 4, 4)}, "edge_weights"),
+        ({"n_directions": 2}, "n_directions"),
+        ({"n_iterations": 0}, "n_iterations"),
+    ],
+)
+def test_meanfield_bad_input_raises_value_error(kwargs, name):
+    args = {"unary": torch.rand(1, 3, 4, 4), "pairwise": torch.rand(3, 3), "method": "meanfield"}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        message_passing(**args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_directions", (4, 8, 16))
+@pytest.mark.parametrize("kind", ("matrix", "potts"))
+def test_cuda_meanfield_matches_reference(n_directions, kind):
+    unary, matrix, weights = random_inputs(19, 2, 6, 9, 11, n_directions)
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(9))
+
+    def gradients(device):
+        leaves = [t.to(device).requires_grad_() for t in (unary, matrix, weights)]
+        pairwise = leaves[1] if kind == "matrix" else Pairwise("potts", leaves[1][0, 1])
+        fn = message_passing if device == "cuda" else reference
+        out = fn(leaves[0], pairwise, leaves[2], "meanfield", n_directions, 3)
+        return [out, *torch.autograd.grad(out, leaves, grad_output.to(device))]
+
+    for got, expected in zip(gradients("cuda"), gradients("cpu"), strict=True):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)

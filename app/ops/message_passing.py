@@ -3,7 +3,9 @@
 Same signature, checks and conventions as :func:`app.ops.reference.message_passing`; the forward stores the
 argmin indices of every message (uint8 up to 256 labels, wider above) and the backward replays them in
 reverse (Sec. 3.5.3, 3.7.4). Potts and truncated-linear :class:`~app.ops.reference.mrf.Pairwise` forms with a
-non-negative term weight take an O(L) forward path (min-convolution / distance transform).
+non-negative term weight take an O(L) forward path (min-convolution / distance transform). Mean-field runs its
+own compiled op (``app::meanfield``, csrc/message_passing/meanfield.h), which stores the distributions of
+every iteration for the backward (O(L) products for Potts and truncated linear, GEMMs for other pairwise).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor
 
 from app.ops._extension import extension_loaded, require_extension
-from app.ops.reference.message_passing import METHODS, _check_n_iterations, _meanfield
+from app.ops.reference.message_passing import METHODS, _check_n_iterations
 from app.ops.reference.mrf import Pairwise, prepare_mrf_inputs
 
 _METHOD_IDS = {"isgmr": 0, "trwp": 1, "sgm": 2}
@@ -47,7 +49,9 @@ def message_passing(
     """Min-sum message passing, returning the final costs ``c_i(lambda)`` (Eq. 3.7; SGM Eq. 3.6).
 
     ``isgmr``: Alg. 1 / Eq. 3.9; ``trwp``: Alg. 2 / Eq. 3.10 with ``rho = 2 / D``; ``sgm``: Eq. 3.3;
-    ``meanfield``: the local mean-field baseline (plain PyTorch, differentiated by autograd).
+    ``meanfield``: the local mean-field baseline, ``c = theta + sum_j w_ij V softmax(-c_j)`` iterated (module
+    docstring of :mod:`app.ops.reference.message_passing`); backward from the stored per-iteration distributions,
+    ``n_iterations * B * H * W * L`` scalars.
     Differentiable in ``unary``, ``pairwise`` (matrix or form parameters, Eq. 3.36) and ``edge_weights``
     (Eq. 3.33).
 
@@ -66,10 +70,17 @@ def message_passing(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     _check_n_iterations(n_iterations)
     unary_c, matrix, weights = prepare_mrf_inputs(unary, pairwise, edge_weights, n_directions)
+    require_extension()
     if method == "meanfield":
-        costs = _meanfield(unary_c, matrix, weights, n_directions, n_iterations)
+        costs, _ = torch.ops.app.meanfield(
+            unary_c.contiguous(),
+            matrix.contiguous(),
+            weights.contiguous(),
+            n_directions,
+            n_iterations,
+            _pairwise_kind(pairwise),
+        )
     else:
-        require_extension()
         costs, _, _ = torch.ops.app.message_passing(
             unary_c.contiguous(),
             matrix.contiguous(),
@@ -96,6 +107,28 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(pairwise, edge_weights, p, q)
     ctx.method, ctx.n_directions, ctx.n_iterations = method, n_directions, n_iterations
     ctx.mark_non_differentiable(p, q)
+
+
+def _meanfield_backward(ctx, grad_costs: Tensor, grad_q: Tensor | None):
+    pairwise, edge_weights, q = ctx.saved_tensors
+    grad_unary, grad_pairwise, grad_weights = torch.ops.app.meanfield_backward(
+        grad_costs.contiguous(),
+        pairwise,
+        edge_weights,
+        q,
+        ctx.n_directions,
+        ctx.kind,
+        ctx.needs_input_grad[1],
+    )
+    return grad_unary, grad_pairwise, grad_weights, None, None, None
+
+
+def _meanfield_setup_context(ctx, inputs, output) -> None:
+    _, pairwise, edge_weights, n_directions, _, kind = inputs
+    _, q = output
+    ctx.save_for_backward(pairwise, edge_weights, q)
+    ctx.n_directions, ctx.kind = n_directions, kind
+    ctx.mark_non_differentiable(q)
 
 
 if extension_loaded():
@@ -133,3 +166,30 @@ if extension_loaded():
         return torch.empty_like(grad_costs), torch.empty_like(pairwise), torch.empty_like(edge_weights)
 
     torch.library.register_autograd("app::message_passing", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("app::meanfield")
+    def _meanfield_fake(
+        unary: Tensor,
+        pairwise: Tensor,
+        edge_weights: Tensor,
+        n_directions: int,
+        n_iterations: int,
+        pairwise_kind: int,
+    ) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(unary), unary.new_empty((n_iterations, *unary.shape))
+
+    @torch.library.register_fake("app::meanfield_backward")
+    def _meanfield_backward_fake(
+        grad_costs: Tensor,
+        pairwise: Tensor,
+        edge_weights: Tensor,
+        q: Tensor,
+        n_directions: int,
+        pairwise_kind: int,
+        pairwise_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.empty_like(grad_costs), torch.empty_like(pairwise), torch.empty_like(edge_weights)
+
+    torch.library.register_autograd(
+        "app::meanfield", _meanfield_backward, setup_context=_meanfield_setup_context
+    )
