@@ -2,22 +2,24 @@
 
 Protocol, as the thesis at CPU scale: 1. train the backbone alone (by default DeepLabV3+ with a ResNet18
 encoder, the thesis' family: output stride 16, decoder at 1/4 resolution; ``--backbone unet`` the quickstart
-U-Net; random initialization, no download); 2. pretrain the
-superpixel FCN (Yang et al. 2020) on the training images with the label-reconstruction loss (Eq. 4.1-4.2);
-3. evaluate on the validation split: the backbone alone, + SP (logit consistency, Eq. 4.13, with SLIC
-superpixels), + SP with the FCN's hard superpixels (frozen), and + SP + TI: the backbone, the FCN and
-transparent-init fusion layers fine-tuned jointly (fixed learning rates, networks 10x the TI layers as the
-thesis' 1e-6 / 1e-7) from the trained networks. A control row fine-tunes the backbone alone on the same
-schedule, so the gain of + SP + TI is not mistaken for the gain of more training.
+U-Net; random initialization, no download); 2. pretrain the superpixel FCN (Yang et al. 2020) on the
+training images with the label-reconstruction loss (Eq. 4.1-4.2); 3. evaluate on the validation split: the
+backbone alone, + SP (logit consistency, Eq. 4.13, with SLIC superpixels), + SP with the FCN's hard
+superpixels (frozen), and + SP + TI: the backbone, the FCN and transparent-init fusion layers fine-tuned
+jointly (fixed learning rates, networks 10x the TI layers as the thesis' 1e-6 / 1e-7) from the trained
+networks. A control row fine-tunes the backbone alone on the same schedule, so the gain of + SP + TI is not
+mistaken for the gain of more training.
 Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100. The
 superpixel oracle (the ground truth averaged over each source's superpixels) bounds what +SP can reach.
 Superpixel sizes (FCN cell 4 px, SLIC with as many segments as the FCN has cells, compactness 20) were
-chosen on the training split (README "Superpixel refinement"), never on the validation split.
+chosen on the training split for each backbone (README "Superpixel refinement"), never on the validation
+split.
 
-    python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 200] [--cell-size 4] [--finetune-epochs 2]
+    python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 200]
+        [--cell-size 4] [--finetune-epochs 2]
 
-Prints a markdown table and writes benchmarks/results/superpixel.json. The logit-consistency speed table
-(512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
+Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json. The logit-consistency
+speed table (512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
 benchmarks/segment_mean.py.
 """
 
@@ -249,7 +251,7 @@ def main() -> None:
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     path = save_json(
-        "superpixel",
+        f"superpixel_{args.backbone}",
         {
             "title": title,
             "args": vars(args),
