@@ -1,21 +1,25 @@
 """Thesis Table 4.4 layout (and the edge metrics of Table 4.7) on SyntheticShapes: superpixel refinement.
 
-Protocol, as the thesis at CPU scale: 1. train the backbone (the quickstart U-Net) alone; 2. pretrain the
-superpixel FCN (Yang et al. 2020) on the training images with the label-reconstruction loss (Eq. 4.1-4.2);
-3. evaluate on the validation split: the backbone alone, + SP (logit consistency, Eq. 4.13, with SLIC
-superpixels), + SP with the FCN's hard superpixels (frozen), and + SP + TI: the backbone, the FCN and
-transparent-init fusion layers fine-tuned jointly (fixed learning rates, networks 10x the TI layers as the
-thesis' 1e-6 / 1e-7) from the trained networks. A control row fine-tunes the backbone alone on the same
-schedule, so the gain of + SP + TI is not mistaken for the gain of more training.
+Protocol, as the thesis at CPU scale: 1. train the backbone alone (by default DeepLabV3+ with a ResNet18
+encoder, the thesis' family: output stride 16, decoder at 1/4 resolution; ``--backbone unet`` the quickstart
+U-Net; random initialization, no download); 2. pretrain the superpixel FCN (Yang et al. 2020) on the
+training images with the label-reconstruction loss (Eq. 4.1-4.2); 3. evaluate on the validation split: the
+backbone alone, + SP (logit consistency, Eq. 4.13, with SLIC superpixels), + SP with the FCN's hard
+superpixels (frozen), and + SP + TI: the backbone, the FCN and transparent-init fusion layers fine-tuned
+jointly (fixed learning rates, networks 10x the TI layers as the thesis' 1e-6 / 1e-7) from the trained
+networks. A control row fine-tunes the backbone alone on the same schedule, so the gain of + SP + TI is not
+mistaken for the gain of more training.
 Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100. The
 superpixel oracle (the ground truth averaged over each source's superpixels) bounds what +SP can reach.
 Superpixel sizes (FCN cell 4 px, SLIC with as many segments as the FCN has cells, compactness 20) were
-chosen on the training split (README "Superpixel refinement"), never on the validation split.
+chosen on the training split for each backbone (README "Superpixel refinement"), never on the validation
+split.
 
-    python benchmarks/superpixel.py [--epochs 6] [--fcn-steps 200] [--cell-size 4] [--finetune-epochs 2]
+    python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 200]
+        [--cell-size 4] [--finetune-epochs 2]
 
-Prints a markdown table and writes benchmarks/results/superpixel.json. The logit-consistency speed table
-(512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
+Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json. The logit-consistency
+speed table (512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
 benchmarks/segment_mean.py.
 """
 
@@ -33,12 +37,30 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from app.crf_heads import LogitConsistency, StructuredHead, SuperpixelFusion
 from app.datamodules import SyntheticShapes
 from app.metrics import EdgeMetrics
-from app.models import SegmentationTask, SMPBackbone, SuperpixelFCN
+from app.models import SegmentationTask, SuperpixelFCN, create_backbone
 from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
 from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
 NUM_CLASSES = 4
+# Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
+# output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
+# whose full-resolution decoder already delineates boundaries sharply.
+BACKBONE_SPECS: dict[str, tuple[str, dict]] = {
+    "deeplabv3plus": ("smp:DeepLabV3Plus", {"encoder_name": "resnet18"}),
+    "unet": (
+        "smp:Unet",
+        {"encoder_name": "resnet18", "arch_kwargs": {"decoder_channels": [128, 64, 32, 16, 16]}},
+    ),
+}
+
+
+def build_backbone(name: str) -> torch.nn.Module:
+    """The benchmark's backbone ``name`` (a key of ``BACKBONE_SPECS``), random weights, ``NUM_CLASSES`` outputs."""
+    if name not in BACKBONE_SPECS:
+        raise ValueError(f"backbone must be one of {sorted(BACKBONE_SPECS)}, got {name!r}")
+    registry_name, kwargs = BACKBONE_SPECS[name]
+    return create_backbone(registry_name, NUM_CLASSES, **copy.deepcopy(kwargs))
 
 
 def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes:
@@ -139,9 +161,12 @@ def pretrain_fcn(fcn: SuperpixelFCN, data: SyntheticShapes, steps: int, compactn
     return float(loss)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbone", choices=sorted(BACKBONE_SPECS), default="deeplabv3plus", help="segmentation network"
     )
     parser.add_argument("--epochs", type=int, default=6, help="backbone training epochs")
     parser.add_argument("--fcn-steps", type=int, default=200, help="superpixel FCN pretraining steps")
@@ -160,7 +185,11 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
     started = time.perf_counter()
@@ -170,12 +199,7 @@ def main() -> None:
     data = shapes(args, superpixels=slic_segments)
     plain_data = shapes(args, superpixels=None)  # training needs no SLIC
 
-    backbone = SMPBackbone(
-        "Unet",
-        "resnet18",
-        num_classes=NUM_CLASSES,
-        arch_kwargs={"decoder_channels": [128, 64, 32, 16, 16]},
-    )
+    backbone = build_backbone(args.backbone)
     trainer(args.epochs).fit(task(backbone, lr=2e-3), datamodule=plain_data)
     timings["backbone_s"] = time.perf_counter() - started
 
@@ -215,7 +239,7 @@ def main() -> None:
     table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in rows.items()]
     title = (
         f"SyntheticShapes {NUM_CLASSES} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
-        f"backbone {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
+        f"backbone {args.backbone} {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
         f"fine-tuning {args.finetune_epochs} epochs at {lr:g} / TI {lr / 10:g}; SLIC n_segments "
         f"{slic_segments}, FCN cell {args.cell_size}px; {machine()}; {timings['total_s'] / 60:.1f} min"
     )
@@ -227,7 +251,7 @@ def main() -> None:
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     path = save_json(
-        "superpixel",
+        f"superpixel_{args.backbone}",
         {
             "title": title,
             "args": vars(args),

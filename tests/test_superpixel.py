@@ -1,3 +1,4 @@
+import importlib
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from test_cli import csv_logger, last_metrics
 
 from app.cli import build_cli
 from app.crf_heads import HEADS, LogitConsistency, SuperpixelFusion
+from app.datamodules import SyntheticShapes
 from app.models import SegmentationTask, SuperpixelFCN
 from app.models.superpixel_fcn import (
     NEIGHBOUR_OFFSETS,
@@ -245,3 +247,33 @@ def test_superpixel_config_fits_through_the_cli(tmp_path):
     assert last_metrics(tmp_path, "run", "train/superpixel_loss")
     assert 0.0 <= float(cli.trainer.callback_metrics["val/mIoU"]) <= 1.0
     assert "val/edge_f1@2px" in cli.trainer.callback_metrics
+
+
+@pytest.fixture
+def superpixel_benchmark(monkeypatch):
+    """``benchmarks/superpixel.py`` as a module (it imports ``common`` from its own folder)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("superpixel")
+
+
+def test_benchmark_defaults_to_the_thesis_deeplabv3plus(superpixel_benchmark):
+    assert superpixel_benchmark.parse_args([]).backbone == "deeplabv3plus"
+    backbone = superpixel_benchmark.build_backbone("deeplabv3plus")
+    assert backbone.arch == "DeepLabV3Plus" and backbone.size_multiple == 16
+    with pytest.raises(ValueError, match="backbone"):
+        superpixel_benchmark.build_backbone("deeplab")
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus", "unet"])
+def test_benchmark_backbones_train_under_logit_consistency(superpixel_benchmark, name):
+    args = superpixel_benchmark.parse_args(["--backbone", name, "--image-size", "48", "--n-train", "2"])
+    data = SyntheticShapes(num_classes=4, image_size=48, n_train=2, n_val=1, batch_size=2, superpixels=36)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    backbone = superpixel_benchmark.build_backbone(args.backbone)
+    model = superpixel_benchmark.task(backbone, LogitConsistency(), lr=1e-3)
+    logits, backbone_logits = model.predict_logits(batch)
+    assert logits.shape == backbone_logits.shape == (2, 4, 48, 48)
+    torch.testing.assert_close(logits, segment_mean(backbone_logits, batch["superpixels"]))
+    model.compute_loss(batch).backward()
+    assert all(p.grad is not None for p in backbone.parameters())
