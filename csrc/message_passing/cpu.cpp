@@ -1,13 +1,15 @@
 // ISGMR / TRWP / SGM min-sum message passing on the CPU (thesis Alg. 1-4); the sweeps are in cpu_sweeps.h.
 // The sweeps are compiled twice on x86-64 with GCC: for the baseline instruction set (SSE2, what the wheel
-// targets) and for AVX2 (twice the vector width); the forward picks AVX2 at run time where
-// __builtin_cpu_supports finds it. The AVX2 variant leaves FMA off so that both round alike: the forward is
+// targets) and for AVX2 (twice the vector width); forward and backward pick AVX2 at run time where
+// __builtin_cpu_supports finds it. The AVX2 variant leaves FMA off so that both round alike: results are
 // bitwise the same on every x86-64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -22,9 +24,14 @@ namespace app {
 namespace message_passing {
 namespace {
 
+// The label vectors of the backward are 32 bytes: GCC notes that passing them by value is an AVX ABI matter in the
+// baseline build; they never cross a non-inlined call boundary of another translation unit.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 namespace baseline {
 #include "cpu_sweeps.h"
 }  // namespace baseline
+#pragma GCC diagnostic pop
 
 #if APP_MESSAGE_PASSING_AVX2
 #pragma GCC push_options
@@ -56,7 +63,12 @@ struct CpuSweeps {
   template <typename scalar_t, typename index_t>
   static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
                             SweepIndices<const index_t> iteration) {
-    // The baseline build on every CPU: GCC's AVX2 code for the backward's masked reductions was slower here.
+#if APP_MESSAGE_PASSING_AVX2
+    if (has_avx2()) {
+      avx2::backward_sweeps(grid, method, r_first, state, iteration);
+      return;
+    }
+#endif
     baseline::backward_sweeps(grid, method, r_first, state, iteration);
   }
   static int64_t accumulators() { return at::get_num_threads(); }
