@@ -164,8 +164,10 @@ inline int32_t normalise(scalar_t* u, int64_t n_labels) {
 
 // ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward_pair / backward_pair, the
 // sweeps of two opposite directions r_first and r_first ^ 1 over all their scanlines (forward: r_first first;
-// backward: in reverse scan order, r_first first), and accumulators() (the number of (2, L, L)
-// pairwise-gradient buffers).
+// backward: in reverse scan order, r_first first), accumulators() (the number of (2, L, L) pairwise-gradient
+// buffers) and isgmr_combine(pending, pair_grads, grad_unary), the end of one ISGMR iteration's replay: with
+// P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and pair_grads[k] = sum_{k' != k} P[k'], leaving P as
+// the device's backward_pair expects it at the next replay (ISGMR's pending starts zeroed).
 
 // Index storage: the argmins of one iteration's sweeps, direction r at p + r N L (N = B H W, p (B, H, W, L))
 // and q + r N (q (B, H, W)).
@@ -278,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
                                                                int64_t n_directions, int64_t n_iterations) {
   const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
   const int64_t N = B * H * W, D = n_directions, K = D / 2;
-  const at::Tensor g = buffer_copy(grad_costs.permute({0, 2, 3, 1}));  // (B, H, W, L)
+  const at::Tensor g = grad_costs.permute({0, 2, 3, 1});  // (B, H, W, L) view, copied where it is written
   const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
@@ -306,16 +308,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   } else if (method == kISGMR) {
     // After each iteration's replay, m^{2k} and m^{2k+1} share one gradient G[k] (Alg. 3).
     at::Tensor pair_grads = buffer_copy(g.unsqueeze(0).expand({K, B, H, W, L})).view({K, N, L});
-    at::Tensor pending = empty_buffer({K, N, L}, g.options());
+    at::Tensor pending = empty_buffer({K, N, L}, g.options()).zero_();
     grad_unary = buffer_copy(g);
     state.extra = pair_grads.mutable_data_ptr<scalar_t>();
     state.pending = pending.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
-      pending.zero_();
       for (int64_t r = 0; r < D; r += 2) run(it, r, state);
-      const at::Tensor base_grad = pending.sum(0);  // gradient of theta + sum of all previous messages
-      grad_unary.view({N, L}).add_(base_grad);
-      at::sub_out(pair_grads, base_grad.unsqueeze(0), pending);
+      // sum_k P[k] is the gradient of theta + the sum of all previous messages
+      Sweeps::template isgmr_combine<scalar_t>(pending, pair_grads, grad_unary.view({N, L}));
     }
   } else {
     at::Tensor current = buffer_copy(g);

@@ -24,14 +24,13 @@ namespace app {
 namespace message_passing {
 namespace {
 
-// The label vectors of the backward are 32 bytes: GCC notes that passing them by value is an AVX ABI matter in the
-// baseline build; they never cross a non-inlined call boundary of another translation unit.
-#pragma GCC diagnostic push
+// The label vectors of the backward are 32 bytes: GCC notes that returning them is an AVX ABI matter in the
+// baseline build; they never cross a call boundary to another translation unit. (Not popped: GCC reports it
+// where the templates are instantiated, the end of this file.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 namespace baseline {
 #include "cpu_sweeps.h"
 }  // namespace baseline
-#pragma GCC diagnostic pop
 
 #if APP_MESSAGE_PASSING_AVX2
 #pragma GCC push_options
@@ -72,6 +71,37 @@ struct CpuSweeps {
     baseline::backward_sweeps(grid, method, r_first, state, iteration);
   }
   static int64_t accumulators() { return at::get_num_threads(); }
+  // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k],
+  // pair_grads[k] = sum_k' P[k'] - P[k]. P needs no zeroing: the first sweep of each pair writes it.
+  template <typename scalar_t>
+  static void isgmr_combine(const at::Tensor& pending, const at::Tensor& pair_grads, const at::Tensor& grad_unary) {
+    const int64_t n_pairs = pending.size(0), size = grad_unary.numel();
+    const scalar_t* p = pending.const_data_ptr<scalar_t>();
+    scalar_t* pair = pair_grads.mutable_data_ptr<scalar_t>();
+    scalar_t* unary = grad_unary.mutable_data_ptr<scalar_t>();
+    constexpr int64_t kChunk = 1024;
+    at::parallel_for(0, size, kChunk, [&](int64_t begin, int64_t end) {
+      scalar_t total[kChunk];
+      for (int64_t start = begin; start < end; start += kChunk) {
+        const int64_t count = std::min(kChunk, end - start);
+        std::copy(p + start, p + start + count, total);
+        for (int64_t k = 1; k < n_pairs; ++k) {
+          const scalar_t* p_k = p + k * size + start;
+#pragma omp simd
+          for (int64_t e = 0; e < count; ++e) total[e] += p_k[e];
+        }
+        scalar_t* unary_chunk = unary + start;
+#pragma omp simd
+        for (int64_t e = 0; e < count; ++e) unary_chunk[e] += total[e];
+        for (int64_t k = 0; k < n_pairs; ++k) {
+          const scalar_t* p_k = p + k * size + start;
+          scalar_t* pair_k = pair + k * size + start;
+#pragma omp simd
+          for (int64_t e = 0; e < count; ++e) pair_k[e] = total[e] - p_k[e];
+        }
+      }
+    });
+  }
 };
 
 }  // namespace

@@ -375,7 +375,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
     const index_t* p = iteration.p + r * N * L;
     const index_t* q = iteration.q + r * N;
     // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
-    return [&, r, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
             carry = std::vector<scalar_t>(2 * kBlockPixels * L), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
       const int64_t i = b * P + pixel, off = i * L;
@@ -401,11 +401,13 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
         const scalar_t* __restrict__ g_pair = state.extra + (r / 2) * N * L + off;
         scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
+        const bool first_of_pair = r == r_first;  // its sweep visits every pixel: it writes pending, no zeroing
         for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
           const Values from_successor = carried(l, count);
           const Values g_l = V::values(g_pair + l, count) + from_successor;
           V::store(g_i + l, g_l, count);
-          V::store(pending + l, V::values(pending + l, count) + from_successor, count);
+          V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
+                   count);
           g_sum += g_l;
         });
       } else {  // SGM: h_i = m^r_i
