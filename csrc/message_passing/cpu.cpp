@@ -14,6 +14,10 @@
 
 #include "common.h"
 
+// Inlines the label-vector helpers and their chunk lambdas into the per-message functions (GCC left some as calls,
+// keeping the vector accumulators in memory).
+#define APP_FLATTEN __attribute__((flatten))
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define APP_MESSAGE_PASSING_AVX2 1
 #else

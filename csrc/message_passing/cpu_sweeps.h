@@ -75,27 +75,100 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
   });
 }
 
+// ---- Label vectors: kCount labels per operation (one AVX2 register, two SSE2 registers in the baseline build),
+// written with GCC vector extensions so that both builds share the code and sum in the same order (bitwise equal
+// results). Partial vectors (the last count < kCount labels) load `fill` past count.
+template <typename scalar_t>
+struct Lanes {
+  static constexpr int32_t kCount = static_cast<int32_t>(32 / sizeof(scalar_t));
+  static_assert(kCount == 8 || kCount == 4, "float or double lanes");
+  using Int = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
+  typedef scalar_t Values __attribute__((vector_size(32)));
+  typedef Int Mask __attribute__((vector_size(32)));  // comparison results: -1 (true) or 0 per lane
+
+  static Mask labels(int32_t first) {  // first, first + 1, ...
+    if constexpr (kCount == 8) {
+      return Mask{0, 1, 2, 3, 4, 5, 6, 7} + first;
+    } else {
+      return Mask{0, 1, 2, 3} + first;
+    }
+  }
+  template <typename T, typename V>
+  static V load(const T* src, int32_t count) {
+    V v{};
+    std::memcpy(&v, src, sizeof(T) * count);
+    return v;
+  }
+  static Values values(const scalar_t* src, int32_t count, scalar_t fill = 0) {
+    Values v = Values{} + fill;
+    std::memcpy(&v, src, sizeof(scalar_t) * count);
+    return v;
+  }
+  template <typename index_t>
+  static Mask indices(const index_t* src, int32_t count) {
+    typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
+    return __builtin_convertvector((load<index_t, Packed>(src, count)), Mask);
+  }
+  static void store(scalar_t* dst, Values v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
+  template <typename index_t>
+  static void store_indices(index_t* dst, Mask m, int32_t count) {
+    typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
+    const Packed packed = __builtin_convertvector(m, Packed);
+    std::memcpy(dst, &packed, sizeof(index_t) * count);
+  }
+  static Values select(Mask m, Values v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
+  static scalar_t total(Values v) {
+    scalar_t sum = 0;
+    for (int32_t k = 0; k < kCount; ++k) sum += v[k];
+    return sum;
+  }
+  template <typename T>
+  static auto lowest(T v) {  // min over the lanes
+    auto low = v[0];
+    for (int32_t k = 1; k < kCount; ++k) low = v[k] < low ? v[k] : low;
+    return low;
+  }
+};
+
+// Calls body(l, count) for the label chunks [l, l + count) of n labels, count = kCount but for the last.
+template <typename scalar_t, typename Body>
+inline void for_label_chunks(int32_t n, const Body& body) {
+  constexpr int32_t kCount = Lanes<scalar_t>::kCount;
+  int32_t l = 0;
+  for (; l + kCount <= n; l += kCount) body(l, kCount);
+  if (l < n) body(l, n - l);
+}
+
 // min_l a(l).
 template <typename scalar_t>
-inline scalar_t min_label(const scalar_t* a, int64_t n_labels) {
-  scalar_t low = a[0];
-#pragma omp simd reduction(min : low)
-  for (int64_t l = 1; l < n_labels; ++l) low = a[l] < low ? a[l] : low;
-  return low;
+APP_FLATTEN inline scalar_t min_label(const scalar_t* a, int64_t n_labels) {
+  using V = Lanes<scalar_t>;
+  typename V::Values low = typename V::Values{} + a[0];
+  for_label_chunks<scalar_t>(static_cast<int32_t>(n_labels), [&](int32_t l, int32_t count) {
+    const typename V::Values x = V::values(a + l, count, a[0]);
+    low = x < low ? x : low;
+  });
+  return V::lowest(low);
 }
 
 // The first label l with a(l) == value.
 template <typename scalar_t>
-inline int32_t first_label_of(const scalar_t* a, int64_t n_labels, scalar_t value) {
-  int32_t first = static_cast<int32_t>(n_labels);
-#pragma omp simd reduction(min : first)
-  for (int32_t l = 0; l < static_cast<int32_t>(n_labels); ++l) first = (a[l] == value && l < first) ? l : first;
-  return first;
+APP_FLATTEN inline int32_t first_label_of(const scalar_t* a, int64_t n_labels, scalar_t value) {
+  using V = Lanes<scalar_t>;
+  using Mask = typename V::Mask;
+  const int32_t n = static_cast<int32_t>(n_labels);
+  Mask first = Mask{} + n;
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    const Mask labels = V::labels(l);
+    const Mask candidate = (V::values(a + l, count) == value) & (labels < n) ? labels : Mask{} + n;
+    first = candidate < first ? candidate : first;
+  });
+  return static_cast<int32_t>(V::lowest(first));
 }
 
 // Eq. 3.5: u -= min u, returns the first argmin q (Alg. 1-2 line 10-11).
 template <typename scalar_t>
-inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
+APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
   const scalar_t low = min_label(u, n_labels);
   const int32_t q = first_label_of(u, n_labels, low);
 #pragma omp simd
@@ -107,24 +180,21 @@ inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
 // one pass over the labels; writes m and p, returns q. Same argmins (ties to the lower label) as the dense
 // min-convolution followed by normalise.
 template <typename scalar_t, typename index_t>
-inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
+  using Mask = typename V::Mask;
+  const int32_t n = static_cast<int32_t>(n_labels);
   const scalar_t low = min_label(h, n_labels);
   const int32_t best = first_label_of(h, n_labels, low);
   const scalar_t jump = low + jump_cost;
-  const int32_t n = static_cast<int32_t>(n_labels);
-  // Two passes: GCC vectorises neither with both stores in one loop.
-#pragma omp simd
-  for (int32_t l = 0; l < n; ++l) {
-    const scalar_t hl = h[l];
-    const bool stay = (hl < jump) | ((hl == jump) & (l < best));
-    m[l] = (stay ? hl : jump) - low;
-  }
-#pragma omp simd
-  for (int32_t l = 0; l < n; ++l) {
-    const scalar_t hl = h[l];
-    const bool stay = (hl < jump) | ((hl == jump) & (l < best));
-    p[l] = static_cast<index_t>(stay ? l : best);
-  }
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    const Values h_l = V::values(h + l, count);
+    const Mask labels = V::labels(l);
+    const Mask stay = (h_l < jump) | ((h_l == jump) & (labels < best));
+    V::store(m + l, (stay ? h_l : Values{} + jump) - low, count);
+    V::template store_indices<index_t>(p + l, stay ? labels : Mask{} + best, count);
+  });
   return jump == low ? 0 : best;
 }
 
@@ -240,58 +310,13 @@ struct DiagonalGradient {
   }
 };
 
-// ---- Label vectors for the backward: kLanes labels per operation (one AVX2 register, two SSE2 registers in the
-// baseline build), written with GCC vector extensions so that both builds share the code and sum in the same
-// order (bitwise equal results). Partial vectors (the last count < kLanes labels) load zeros past count.
-template <typename scalar_t>
-struct Lanes {
-  static constexpr int32_t kCount = static_cast<int32_t>(32 / sizeof(scalar_t));
-  using Int = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
-  typedef scalar_t Values __attribute__((vector_size(32)));
-  typedef Int Mask __attribute__((vector_size(32)));  // comparison results: -1 (true) or 0 per lane
-
-  static Mask labels(int32_t first) {  // first, first + 1, ...
-    Mask m;
-    for (int32_t k = 0; k < kCount; ++k) m[k] = first + k;
-    return m;
-  }
-  template <typename T, typename V>
-  static V load(const T* src, int32_t count) {
-    V v{};
-    std::memcpy(&v, src, sizeof(T) * count);
-    return v;
-  }
-  static Values values(const scalar_t* src, int32_t count) { return load<scalar_t, Values>(src, count); }
-  template <typename index_t>
-  static Mask indices(const index_t* src, int32_t count) {
-    typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
-    return __builtin_convertvector((load<index_t, Packed>(src, count)), Mask);
-  }
-  static void store(scalar_t* dst, Values v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
-  static Values select(Mask m, Values v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
-  static scalar_t total(Values v) {
-    scalar_t sum = 0;
-    for (int32_t k = 0; k < kCount; ++k) sum += v[k];
-    return sum;
-  }
-};
-
-// Calls body(l, count) for the label chunks [l, l + count) of n labels, count = kCount but for the last.
-template <typename scalar_t, typename Body>
-inline void for_label_chunks(int32_t n, const Body& body) {
-  constexpr int32_t kCount = Lanes<scalar_t>::kCount;
-  int32_t l = 0;
-  for (; l + kCount <= n; l += kCount) body(l, kCount);
-  if (l < n) body(l, n - l);
-}
-
 // Backward of one message (Alg. 3-4): gm (gradient of the normalised message, with sum_l gm(l) = g_sum) -> gu
 // (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
 // weight (Eq. 3.33) and V_r (Eq. 3.36). Vectorised for labels that keep their sender label (p(l) = l) and for
 // those that jump to the label m0 of the first jump (all of them for Potts); any other p(l) takes a scalar
 // scatter. label_ids: (L) the labels 0, 1, ... in index_t (p(l) = l for every l is one memcmp).
 template <typename scalar_t, typename index_t>
-void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
+APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
                       const index_t* __restrict__ p, const index_t* __restrict__ label_ids,
                       const scalar_t* __restrict__ v_r, const scalar_t* __restrict__ v_diag, scalar_t w,
                       scalar_t* __restrict__ gs, scalar_t* gw, scalar_t* __restrict__ gv_r,
