@@ -111,22 +111,39 @@ struct Lanes {
   }
   static void store(scalar_t* dst, Values v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
   template <typename index_t>
-  static void store_indices(index_t* dst, Mask m, int32_t count) {
-    typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
-    const Packed packed = __builtin_convertvector(m, Packed);
+  static void store_indices(index_t* dst, Mask m, int32_t count) {  // m's lanes hold labels that fit index_t
+    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low part of a lane is its first index_t");
+    typedef index_t Parts __attribute__((vector_size(32)));
+    const auto packed = low_parts<sizeof(Int) / sizeof(index_t)>(reinterpret_cast<Parts>(m),
+                                                                 std::make_integer_sequence<int, kCount>{});
     std::memcpy(dst, &packed, sizeof(index_t) * count);
   }
+  template <int kRatio, typename Parts, int... K>
+  static auto low_parts(Parts parts, std::integer_sequence<int, K...>) {
+    return __builtin_shufflevector(parts, parts, (K * kRatio)...);
+  }
   static Values select(Mask m, Values v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
-  static scalar_t total(Values v) {
-    scalar_t sum = 0;
-    for (int32_t k = 0; k < kCount; ++k) sum += v[k];
-    return sum;
+  // op folded over the lanes, as a tree of shuffles (no lane is read by a run-time index, which made GCC keep the
+  // accumulators in memory)
+  template <typename T, typename Op>
+  static auto fold(T v, const Op& op) {
+    if constexpr (kCount == 8) {
+      v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+      v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+      v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+    } else {
+      v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+      v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+    }
+    return v[0];
   }
   template <typename T>
-  static auto lowest(T v) {  // min over the lanes
-    auto low = v[0];
-    for (int32_t k = 1; k < kCount; ++k) low = v[k] < low ? v[k] : low;
-    return low;
+  static auto total(T v) {
+    return fold(v, [](T a, T b) { return a + b; });
+  }
+  template <typename T>
+  static auto lowest(T v) {
+    return fold(v, [](T a, T b) { return a < b ? a : b; });
   }
 };
 
@@ -367,8 +384,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   gs[m0] += V::total(to_m0);
   scalar_t weight_total = V::total(weight_grad);
   g[q_label] -= g_sum;
-  int64_t n_other = 0;
-  for (int32_t k = 0; k < V::kCount; ++k) n_other += others[k];
+  int64_t n_other = V::total(others);
   for (int32_t l = first_jump + 1; n_other > 0 && l < n; ++l) {
     const int32_t m = static_cast<int32_t>(p[l]);
     if (m == l || m == m0) continue;
