@@ -29,7 +29,7 @@ namespace app {
 namespace message_passing {
 namespace {
 
-// The label vectors of the backward are 32 bytes: GCC notes that returning them is an AVX ABI matter in the
+// The label vectors of cpu_sweeps.h are 32 bytes: GCC warns that returning them is an AVX ABI matter in the
 // baseline build; they never cross a call boundary to another translation unit. (Not popped: GCC reports it
 // where the templates are instantiated, the end of this file.)
 #pragma GCC diagnostic ignored "-Wpsabi"

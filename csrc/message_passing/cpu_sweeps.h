@@ -109,9 +109,9 @@ struct Lanes {
     typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
     return __builtin_convertvector((load<index_t, Packed>(src, count)), Mask);
   }
-  static void store(scalar_t* dst, Values v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
+  static void store(scalar_t* dst, const Values& v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
   template <typename index_t>
-  static void store_indices(index_t* dst, Mask m, int32_t count) {  // m's lanes hold labels that fit index_t
+  static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
     static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low part of a lane is its first index_t");
     typedef index_t Parts __attribute__((vector_size(32)));
     const auto packed = low_parts<sizeof(Int) / sizeof(index_t)>(reinterpret_cast<Parts>(m),
@@ -119,14 +119,15 @@ struct Lanes {
     std::memcpy(dst, &packed, sizeof(index_t) * count);
   }
   template <int kRatio, typename Parts, int... K>
-  static auto low_parts(Parts parts, std::integer_sequence<int, K...>) {
+  static auto low_parts(const Parts& parts, std::integer_sequence<int, K...>) {
     return __builtin_shufflevector(parts, parts, (K * kRatio)...);
   }
-  static Values select(Mask m, Values v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
+  static Values select(const Mask& m, const Values& v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
   // op folded over the lanes, as a tree of shuffles (no lane is read by a run-time index, which made GCC keep the
   // accumulators in memory)
   template <typename T, typename Op>
-  static auto fold(T v, const Op& op) {
+  static auto fold(const T& lanes, const Op& op) {
+    T v = lanes;
     if constexpr (kCount == 8) {
       v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
       v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
@@ -138,12 +139,12 @@ struct Lanes {
     return v[0];
   }
   template <typename T>
-  static auto total(T v) {
-    return fold(v, [](T a, T b) { return a + b; });
+  static auto total(const T& v) {
+    return fold(v, [](const T& a, const T& b) { return a + b; });
   }
   template <typename T>
-  static auto lowest(T v) {
-    return fold(v, [](T a, T b) { return a < b ? a : b; });
+  static auto lowest(const T& v) {
+    return fold(v, [](const T& a, const T& b) { return a < b ? a : b; });
   }
 };
 
