@@ -37,13 +37,12 @@ def random_inputs(
 
 
 def make_pairwise(kind: str, matrix: torch.Tensor) -> torch.Tensor | Pairwise:
+    """``matrix`` itself, or the form ``kind`` with parameters that require grad, in ``matrix``'s dtype."""
     if kind == "matrix":
         return matrix
-    weight = torch.tensor(0.8, dtype=F64, device=matrix.device, requires_grad=True)
-    truncation = (
-        None if kind == "potts" else torch.tensor(2.5, dtype=F64, device=matrix.device, requires_grad=True)
-    )
-    return Pairwise(kind, weight, truncation)
+    options = {"dtype": matrix.dtype, "device": matrix.device, "requires_grad": True}
+    truncation = None if kind == "potts" else torch.tensor(2.5, **options)
+    return Pairwise(kind, torch.tensor(0.8, **options), truncation)
 
 
 def random_cases(n_cases: int, seed: int, methods: tuple[str, ...] = COMPILED_METHODS):
@@ -148,6 +147,33 @@ def test_scanline_blocks_match_reference(method, height, width):
     )
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+@pytest.mark.parametrize("kind", ("matrix", "potts", "truncated_linear"))
+def test_full_and_partial_label_vectors_match_reference(method, kind):
+    """19 labels: the CPU kernels work on vectors of 8 float32 / 4 float64 labels, so every message has full
+    vectors and a partial last one. float64 forward and gradients equal the reference; float32 agrees to its
+    precision."""
+    unary, matrix, weights = random_inputs(21, 1, 19, 5, 6, 8)
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(22))
+    expected = _gradients(
+        lambda u, p, w: reference(u, p, w, method, 8, 2),
+        unary.clone().requires_grad_(),
+        make_pairwise(kind, matrix.clone().requires_grad_()),
+        weights.clone().requires_grad_(),
+        grad_output,
+    )
+    for dtype, tolerance in ((F64, 1e-8), (torch.float32, 1e-3)):
+        got = _gradients(
+            lambda u, p, w: message_passing(u, p, w, method, 8, 2),
+            unary.to(dtype).requires_grad_(),
+            make_pairwise(kind, matrix.to(dtype).requires_grad_()),
+            weights.to(dtype).requires_grad_(),
+            grad_output.to(dtype),
+        )
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g.double(), e, rtol=tolerance, atol=tolerance)
 
 
 def test_many_labels_use_wide_indices():

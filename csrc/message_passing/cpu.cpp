@@ -1,16 +1,23 @@
 // ISGMR / TRWP / SGM min-sum message passing on the CPU (thesis Alg. 1-4); the sweeps are in cpu_sweeps.h.
 // The sweeps are compiled twice on x86-64 with GCC: for the baseline instruction set (SSE2, what the wheel
-// targets) and for AVX2 (twice the vector width); the forward picks AVX2 at run time where
-// __builtin_cpu_supports finds it. The AVX2 variant leaves FMA off so that both round alike: the forward is
+// targets) and for AVX2 (twice the vector width); forward and backward pick AVX2 at run time where
+// __builtin_cpu_supports finds it. The AVX2 variant leaves FMA off so that both round alike: results are
 // bitwise the same on every x86-64.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
+
+// Inlines the label-vector helpers and their chunk lambdas into the per-message functions (GCC left some as calls,
+// keeping the vector accumulators in memory).
+#define APP_FLATTEN __attribute__((flatten))
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define APP_MESSAGE_PASSING_AVX2 1
@@ -22,6 +29,10 @@ namespace app {
 namespace message_passing {
 namespace {
 
+// The label vectors of cpu_sweeps.h are 32 bytes: GCC warns that returning them is an AVX ABI matter in the
+// baseline build; they never cross a call boundary to another translation unit. (Not popped: GCC reports it
+// where the templates are instantiated, the end of this file.)
+#pragma GCC diagnostic ignored "-Wpsabi"
 namespace baseline {
 #include "cpu_sweeps.h"
 }  // namespace baseline
@@ -56,10 +67,46 @@ struct CpuSweeps {
   template <typename scalar_t, typename index_t>
   static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
                             SweepIndices<const index_t> iteration) {
-    // The baseline build on every CPU: GCC's AVX2 code for the backward's masked reductions was slower here.
+#if APP_MESSAGE_PASSING_AVX2
+    if (has_avx2()) {
+      avx2::backward_sweeps(grid, method, r_first, state, iteration);
+      return;
+    }
+#endif
     baseline::backward_sweeps(grid, method, r_first, state, iteration);
   }
   static int64_t accumulators() { return at::get_num_threads(); }
+  // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k],
+  // pair_grads[k] = sum_k' P[k'] - P[k]. P needs no zeroing: the first sweep of each pair writes it.
+  template <typename scalar_t>
+  static void isgmr_combine(const at::Tensor& pending, const at::Tensor& pair_grads, const at::Tensor& grad_unary) {
+    const int64_t n_pairs = pending.size(0), size = grad_unary.numel();
+    const scalar_t* p = pending.const_data_ptr<scalar_t>();
+    scalar_t* pair = pair_grads.mutable_data_ptr<scalar_t>();
+    scalar_t* unary = grad_unary.mutable_data_ptr<scalar_t>();
+    constexpr int64_t kChunk = 1024;
+    at::parallel_for(0, size, kChunk, [&](int64_t begin, int64_t end) {
+      scalar_t total[kChunk];
+      for (int64_t start = begin; start < end; start += kChunk) {
+        const int64_t count = std::min(kChunk, end - start);
+        std::copy(p + start, p + start + count, total);
+        for (int64_t k = 1; k < n_pairs; ++k) {
+          const scalar_t* p_k = p + k * size + start;
+#pragma omp simd
+          for (int64_t e = 0; e < count; ++e) total[e] += p_k[e];
+        }
+        scalar_t* unary_chunk = unary + start;
+#pragma omp simd
+        for (int64_t e = 0; e < count; ++e) unary_chunk[e] += total[e];
+        for (int64_t k = 0; k < n_pairs; ++k) {
+          const scalar_t* p_k = p + k * size + start;
+          scalar_t* pair_k = pair + k * size + start;
+#pragma omp simd
+          for (int64_t e = 0; e < count; ++e) pair_k[e] = total[e] - p_k[e];
+        }
+      }
+    });
+  }
 };
 
 }  // namespace

@@ -75,27 +75,118 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
   });
 }
 
+// ---- Label vectors: kCount labels per operation (one AVX2 register, two SSE2 registers in the baseline build),
+// written with GCC vector extensions so that both builds share the code and sum in the same order (bitwise equal
+// results). Partial vectors (the last count < kCount labels) load `fill` past count.
+template <typename scalar_t>
+struct Lanes {
+  static constexpr int32_t kCount = static_cast<int32_t>(32 / sizeof(scalar_t));
+  static_assert(kCount == 8 || kCount == 4, "float or double lanes");
+  using Int = std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>;
+  typedef scalar_t Values __attribute__((vector_size(32)));
+  typedef Int Mask __attribute__((vector_size(32)));  // comparison results: -1 (true) or 0 per lane
+
+  static Mask labels(int32_t first) {  // first, first + 1, ...
+    if constexpr (kCount == 8) {
+      return Mask{0, 1, 2, 3, 4, 5, 6, 7} + first;
+    } else {
+      return Mask{0, 1, 2, 3} + first;
+    }
+  }
+  template <typename T, typename V>
+  static V load(const T* src, int32_t count) {
+    V v{};
+    std::memcpy(&v, src, sizeof(T) * count);
+    return v;
+  }
+  static Values values(const scalar_t* src, int32_t count, scalar_t fill = 0) {
+    Values v = Values{} + fill;
+    std::memcpy(&v, src, sizeof(scalar_t) * count);
+    return v;
+  }
+  template <typename index_t>
+  static Mask indices(const index_t* src, int32_t count) {
+    typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
+    return __builtin_convertvector((load<index_t, Packed>(src, count)), Mask);
+  }
+  static void store(scalar_t* dst, const Values& v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
+  template <typename index_t>
+  static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
+    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low part of a lane is its first index_t");
+    typedef index_t Parts __attribute__((vector_size(32)));
+    const auto packed = low_parts<sizeof(Int) / sizeof(index_t)>(reinterpret_cast<Parts>(m),
+                                                                 std::make_integer_sequence<int, kCount>{});
+    std::memcpy(dst, &packed, sizeof(index_t) * count);
+  }
+  template <int kRatio, typename Parts, int... K>
+  static auto low_parts(const Parts& parts, std::integer_sequence<int, K...>) {
+    return __builtin_shufflevector(parts, parts, (K * kRatio)...);
+  }
+  static Values select(const Mask& m, const Values& v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
+  // op folded over the lanes, as a tree of shuffles (no lane is read by a run-time index, which made GCC keep the
+  // accumulators in memory)
+  template <typename T, typename Op>
+  static auto fold(const T& lanes, const Op& op) {
+    T v = lanes;
+    if constexpr (kCount == 8) {
+      v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+      v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+      v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+    } else {
+      v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+      v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+    }
+    return v[0];
+  }
+  template <typename T>
+  static auto total(const T& v) {
+    return fold(v, [](const T& a, const T& b) { return a + b; });
+  }
+  template <typename T>
+  static auto lowest(const T& v) {
+    return fold(v, [](const T& a, const T& b) { return a < b ? a : b; });
+  }
+};
+
+// Calls body(l, count) for the label chunks [l, l + count) of n labels, count = kCount but for the last.
+template <typename scalar_t, typename Body>
+inline void for_label_chunks(int32_t n, const Body& body) {
+  constexpr int32_t kCount = Lanes<scalar_t>::kCount;
+  int32_t l = 0;
+  for (; l + kCount <= n; l += kCount) body(l, kCount);
+  if (l < n) body(l, n - l);
+}
+
 // min_l a(l).
 template <typename scalar_t>
-inline scalar_t min_label(const scalar_t* a, int64_t n_labels) {
-  scalar_t low = a[0];
-#pragma omp simd reduction(min : low)
-  for (int64_t l = 1; l < n_labels; ++l) low = a[l] < low ? a[l] : low;
-  return low;
+APP_FLATTEN inline scalar_t min_label(const scalar_t* a, int64_t n_labels) {
+  using V = Lanes<scalar_t>;
+  typename V::Values low = typename V::Values{} + a[0];
+  for_label_chunks<scalar_t>(static_cast<int32_t>(n_labels), [&](int32_t l, int32_t count) {
+    const typename V::Values x = V::values(a + l, count, a[0]);
+    low = x < low ? x : low;
+  });
+  return V::lowest(low);
 }
 
 // The first label l with a(l) == value.
 template <typename scalar_t>
-inline int32_t first_label_of(const scalar_t* a, int64_t n_labels, scalar_t value) {
-  int32_t first = static_cast<int32_t>(n_labels);
-#pragma omp simd reduction(min : first)
-  for (int32_t l = 0; l < static_cast<int32_t>(n_labels); ++l) first = (a[l] == value && l < first) ? l : first;
-  return first;
+APP_FLATTEN inline int32_t first_label_of(const scalar_t* a, int64_t n_labels, scalar_t value) {
+  using V = Lanes<scalar_t>;
+  using Mask = typename V::Mask;
+  const int32_t n = static_cast<int32_t>(n_labels);
+  Mask first = Mask{} + n;
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    const Mask labels = V::labels(l);
+    const Mask candidate = (V::values(a + l, count) == value) & (labels < n) ? labels : Mask{} + n;
+    first = candidate < first ? candidate : first;
+  });
+  return static_cast<int32_t>(V::lowest(first));
 }
 
 // Eq. 3.5: u -= min u, returns the first argmin q (Alg. 1-2 line 10-11).
 template <typename scalar_t>
-inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
+APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
   const scalar_t low = min_label(u, n_labels);
   const int32_t q = first_label_of(u, n_labels, low);
 #pragma omp simd
@@ -107,24 +198,21 @@ inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
 // one pass over the labels; writes m and p, returns q. Same argmins (ties to the lower label) as the dense
 // min-convolution followed by normalise.
 template <typename scalar_t, typename index_t>
-inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
+  using Mask = typename V::Mask;
+  const int32_t n = static_cast<int32_t>(n_labels);
   const scalar_t low = min_label(h, n_labels);
   const int32_t best = first_label_of(h, n_labels, low);
   const scalar_t jump = low + jump_cost;
-  const int32_t n = static_cast<int32_t>(n_labels);
-  // Two passes: GCC vectorises neither with both stores in one loop.
-#pragma omp simd
-  for (int32_t l = 0; l < n; ++l) {
-    const scalar_t hl = h[l];
-    const bool stay = (hl < jump) | ((hl == jump) & (l < best));
-    m[l] = (stay ? hl : jump) - low;
-  }
-#pragma omp simd
-  for (int32_t l = 0; l < n; ++l) {
-    const scalar_t hl = h[l];
-    const bool stay = (hl < jump) | ((hl == jump) & (l < best));
-    p[l] = static_cast<index_t>(stay ? l : best);
-  }
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    const Values h_l = V::values(h + l, count);
+    const Mask labels = V::labels(l);
+    const Mask stay = (h_l < jump) | ((h_l == jump) & (labels < best));
+    V::store(m + l, (stay ? h_l : Values{} + jump) - low, count);
+    V::template store_indices<index_t>(p + l, stay ? labels : Mask{} + best, count);
+  });
   return jump == low ? 0 : best;
 }
 
@@ -240,105 +328,137 @@ struct DiagonalGradient {
   }
 };
 
-// Backward of one message (Alg. 3-4): gm (gradient of the normalised message) -> gu (Eq. 3.5 through q), then
-// scattered through p to the sender costs gs (Eq. 3.30), the edge weight (Eq. 3.33) and V_r (Eq. 3.36).
-// Vectorised for labels that keep their sender label (p(l) = l) and for those that jump to the label m0 of the
-// first jump (all of them for Potts); any other p(l) takes the scalar scatter.
+// Backward of one message (Alg. 3-4): gm (gradient of the normalised message, with sum_l gm(l) = g_sum) -> gu
+// (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
+// weight (Eq. 3.33) and V_r (Eq. 3.36). Vectorised for labels that keep their sender label (p(l) = l) and for
+// those that jump to the label m0 of the first jump (all of them for Potts); any other p(l) takes a scalar
+// scatter. label_ids: (L) the labels 0, 1, ... in index_t (p(l) = l for every l is one memcmp).
 template <typename scalar_t, typename index_t>
-void message_backward(int64_t n_labels, scalar_t* __restrict__ g, index_t q, const index_t* __restrict__ p,
+APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
+                      const index_t* __restrict__ p, const index_t* __restrict__ label_ids,
                       const scalar_t* __restrict__ v_r, const scalar_t* __restrict__ v_diag, scalar_t w,
                       scalar_t* __restrict__ gs, scalar_t* gw, scalar_t* __restrict__ gv_r,
                       scalar_t* __restrict__ gv_diag, bool scatter) {
-  const int32_t n = static_cast<int32_t>(n_labels);
-  scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int32_t l = 0; l < n; ++l) sum += g[l];
-  g[q] -= sum;
-  if (!scatter) return;
-  scalar_t weight_grad = 0;
-  int32_t first_jump = n;
-#pragma omp simd reduction(+ : weight_grad) reduction(min : first_jump)
-  for (int32_t l = 0; l < n; ++l) {
-    const int32_t stays = static_cast<int32_t>(p[l]) == l;
-    const scalar_t kept = g[l] * static_cast<scalar_t>(stays);  // masks by product: GCC keeps it branch-free
-    gs[l] = kept;
-    weight_grad += kept * v_diag[l];
-    gv_diag[l] += w * kept;
-    const int32_t candidate = stays ? n : l;
-    first_jump = candidate < first_jump ? candidate : first_jump;
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
+  using Mask = typename V::Mask;
+  const int32_t n = static_cast<int32_t>(n_labels), q_label = static_cast<int32_t>(q);
+  if (!scatter) {
+    g[q_label] -= g_sum;
+    return;
   }
-  if (first_jump < n) {
-    const int32_t m0 = static_cast<int32_t>(p[first_jump]);
-    const scalar_t* __restrict__ v_row = v_r + m0 * n_labels;
-    scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
-    scalar_t to_m0 = 0;
-    int32_t n_other = 0;
-#pragma omp simd reduction(+ : weight_grad, to_m0, n_other)
-    for (int32_t l = 0; l < n; ++l) {
-      const int32_t m = static_cast<int32_t>(p[l]);
-      const scalar_t moved = g[l] * static_cast<scalar_t>((m == m0) & (m != l));
-      to_m0 += moved;
-      weight_grad += moved * v_row[l];
-      gv_row[l] += w * moved;
-      n_other += static_cast<int32_t>((m != l) & (m != m0));
-    }
-    gs[m0] += to_m0;
-    for (int32_t l = first_jump + 1; n_other > 0 && l < n; ++l) {
-      const int32_t m = static_cast<int32_t>(p[l]);
-      if (m == l || m == m0) continue;
-      gs[m] += g[l];
-      weight_grad += g[l] * v_r[m * n_labels + l];
-      gv_r[m * n_labels + l] += w * g[l];
-      --n_other;
-    }
+  // gu on the labels [l, l + count): gm with g_sum taken off at q
+  auto gu = [&](int32_t l, int32_t count) {
+    return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
+  };
+  Values weight_grad{};
+  if (std::memcmp(p, label_ids, sizeof(index_t) * n) == 0) {  // every label keeps its sender label
+    for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+      const Values kept = gu(l, count);
+      V::store(gs + l, kept, count);
+      weight_grad += kept * V::values(v_diag + l, count);
+      V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+    });
+    *gw += V::total(weight_grad);
+    g[q_label] -= g_sum;
+    return;
   }
-  *gw += weight_grad;
+  int32_t first_jump = 0;
+  while (static_cast<int32_t>(p[first_jump]) == first_jump) ++first_jump;
+  const int32_t m0 = static_cast<int32_t>(p[first_jump]);
+  const scalar_t* __restrict__ v_row = v_r + m0 * n_labels;
+  scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
+  Values to_m0{};
+  Mask others{};
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    const Values g_l = gu(l, count);
+    const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
+    const Mask stays = m == labels, jumps = (m == m0) & ~stays;
+    const Values kept = V::select(stays, g_l), moved = V::select(jumps, g_l);
+    V::store(gs + l, kept, count);
+    to_m0 += moved;
+    weight_grad += kept * V::values(v_diag + l, count) + moved * V::values(v_row + l, count);
+    V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+    V::store(gv_row + l, V::values(gv_row + l, count) + w * moved, count);
+    others -= ~(stays | jumps) & (labels < n);
+  });
+  gs[m0] += V::total(to_m0);
+  scalar_t weight_total = V::total(weight_grad);
+  g[q_label] -= g_sum;
+  int64_t n_other = V::total(others);
+  for (int32_t l = first_jump + 1; n_other > 0 && l < n; ++l) {
+    const int32_t m = static_cast<int32_t>(p[l]);
+    if (m == l || m == m0) continue;
+    gs[m] += g[l];
+    weight_total += g[l] * v_r[m * n_labels + l];
+    gv_r[m * n_labels + l] += w * g[l];
+    --n_other;
+  }
+  *gw += weight_total;
 }
 
 // Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4).
 template <typename scalar_t, typename index_t>
 void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
                      SweepIndices<const index_t> iteration) {
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
+  const int32_t n = static_cast<int32_t>(L);
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
-  for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
+  std::vector<index_t> label_ids(L);
+  for (int64_t l = 0; l < L; ++l) {
+    v_diag[l] = grid.v[l * L + l];
+    label_ids[l] = static_cast<index_t>(l);
+  }
   scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r = state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
     const index_t* p = iteration.p + r * N * L;
     const index_t* q = iteration.q + r * N;
     // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
-    return [&, r, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
             carry = std::vector<scalar_t>(2 * kBlockPixels * L), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* __restrict__ gs = carry.data() + slot * L;
       scalar_t* __restrict__ g_i = g.data();
+      // carried gradient of h_i on the labels [l, l + count)
+      auto carried = [&](int32_t l, int32_t count) { return has_successor ? V::values(gs + l, count) : Values{}; };
+      Values g_sum{};
       if (method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
         scalar_t* __restrict__ c = state.common + off;
         scalar_t* __restrict__ e_r = state.extra + r * N * L + off;
         scalar_t* __restrict__ e_opp = state.extra + (r ^ 1) * N * L + off;
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) {
-          const scalar_t carried = has_successor ? gs[l] : scalar_t(0);
-          c[l] += rho * carried;
-          g_i[l] = c[l] + e_r[l];
-          e_r[l] = -c[l];
-          e_opp[l] -= carried;
-        }
+        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          const Values from_successor = carried(l, count);
+          const Values c_l = V::values(c + l, count) + rho * from_successor;
+          const Values g_l = c_l + V::values(e_r + l, count);
+          V::store(c + l, c_l, count);
+          V::store(g_i + l, g_l, count);
+          V::store(e_r + l, -c_l, count);
+          V::store(e_opp + l, V::values(e_opp + l, count) - from_successor, count);
+          g_sum += g_l;
+        });
       } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
         const scalar_t* __restrict__ g_pair = state.extra + (r / 2) * N * L + off;
         scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) {
-          const scalar_t carried = has_successor ? gs[l] : scalar_t(0);
-          g_i[l] = g_pair[l] + carried;
-          pending[l] += carried;
-        }
+        const bool first_of_pair = r == r_first;  // its sweep visits every pixel: it writes pending, no zeroing
+        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          const Values from_successor = carried(l, count);
+          const Values g_l = V::values(g_pair + l, count) + from_successor;
+          V::store(g_i + l, g_l, count);
+          V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
+                   count);
+          g_sum += g_l;
+        });
       } else {  // SGM: h_i = m^r_i
         const scalar_t* __restrict__ common = state.common + off;
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) g_i[l] = common[l] + (has_successor ? gs[l] : scalar_t(0));
+        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          const Values g_l = V::values(common + l, count) + carried(l, count);
+          V::store(g_i + l, g_l, count);
+          g_sum += g_l;
+        });
       }
       if (predecessor < 0 && method != kSGM) return;  // constant first message
       const bool scatter = predecessor >= 0;
@@ -349,7 +469,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         w = grid.weights[slot_w];
         gw = state.grad_weights + slot_w;
       }
-      message_backward(L, g_i, q[i], p + off, v_r, v_diag.data(), w, gs, gw, gv_r, gv_diag.values.data(), scatter);
+      message_backward(L, g_i, V::total(g_sum), q[i], p + off, label_ids.data(), v_r, v_diag.data(), w, gs, gw, gv_r,
+                       gv_diag.values.data(), scatter);
       if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
         scalar_t* __restrict__ grad_unary = state.extra + off;
 #pragma omp simd

@@ -302,6 +302,13 @@ struct CudaSweeps {
   }
 
   static int64_t accumulators() { return 1; }
+  template <typename scalar_t>
+  static void isgmr_combine(const at::Tensor& pending, at::Tensor pair_grads, const at::Tensor& grad_unary) {
+    const at::Tensor base_grad = pending.sum(0);
+    grad_unary.add_(base_grad);
+    at::sub_out(pair_grads, base_grad.unsqueeze(0), pending);
+    pending.zero_();  // backward_pair accumulates into it
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& unary, const at::Tensor& pairwise,
