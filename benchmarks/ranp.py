@@ -170,8 +170,7 @@ def plot_curves(curve: dict[str, list[dict[str, float]]], title: str, path: Any)
 
 def train(model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float, seed: int) -> float:
     """``steps`` Adam steps over ``loader`` (cycled), the learning rate cosine-annealed to zero; returns
-    the last loss. Convolution weight gradients are computed as forward convolutions (same values,
-    several times faster on the CPU)."""
+    the last loss. 3D weight gradients as every task trains them (:func:`fast_conv_weight_grad`)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)

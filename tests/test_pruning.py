@@ -678,17 +678,23 @@ def test_fast_conv_weight_grad_equals_autograd(dim, geometry):
     assert all("_conv_forward" not in vars(m) for m in [*model.modules(), depthwise])
 
 
-def test_fast_conv_weight_grad_defaults_to_3d_and_checks_types():
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+def test_fast_conv_weight_grad_defaults_to_3d_below_avx512_and_checks_types(monkeypatch, capability):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     net2d, net3d = nn.Conv2d(2, 3, 3), nn.Conv3d(2, 3, 3)
     with fast_conv_weight_grad(net2d), fast_conv_weight_grad(net3d):
         assert "_conv_forward" not in vars(net2d)  # oneDNN's own 2D weight pass is fast
+        # below AVX-512 oneDNN's 3D weight pass is im2col + GEMM; on AVX-512 a direct JIT kernel
+        assert ("_conv_forward" in vars(net3d)) == (capability == "AVX2")
+    with fast_conv_weight_grad(net3d, (nn.Conv3d,)):
         assert "_conv_forward" in vars(net3d)
     with pytest.raises(ValueError, match="layer_types"):
         with fast_conv_weight_grad(net3d, (nn.Linear,)):
             pass
 
 
-def test_fast_conv_weight_grad_keeps_the_importance():
+def test_fast_conv_weight_grad_keeps_the_importance(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # the formula's path
     torch.manual_seed(3)
     model = SkipNet(dim=3, width=4)
     batches = [{"image": torch.randn(2, 1, 8, 8, 8), "mask": torch.randint(0, 3, (2, 8, 8, 8))}]

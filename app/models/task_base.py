@@ -73,9 +73,10 @@ class BackboneTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        """From here to the end of training, the backbone's 3D convolutions on the CPU take their weight
-        gradients as forward convolutions (:func:`~app.pruning.fast_conv_weight_grad`: the same values,
-        several times faster than oneDNN's own weight pass there; 2D layers and GPUs are untouched)."""
+        """From here to the end of training, the backbone's 3D convolutions on a CPU without AVX-512 take
+        their weight gradients as forward convolutions (:func:`~app.pruning.fast_conv_weight_grad`: the
+        same values, several times faster than oneDNN's im2col + GEMM weight pass there; 2D layers,
+        AVX-512 CPUs and GPUs keep PyTorch's backward)."""
         self._fast_weight_grads = contextlib.ExitStack()
         self._fast_weight_grads.enter_context(fast_conv_weight_grad(self.backbone))
 

@@ -10,7 +10,7 @@ or the Lightning callback :class:`RANP`, which prunes ``pl_module.backbone`` in 
 
 from app.pruning.api import PruningAnalysis, PruningReport, analyze_model, apply_selection, prune_at_init
 from app.pruning.callback import RANP
-from app.pruning.fast_conv import conv_weight_grad, fast_conv_weight_grad
+from app.pruning.fast_conv import conv_weight_grad, fast_conv_weight_grad, slow_weight_grad_types
 from app.pruning.graph import ChannelGraph, LayerChannels, trace_channel_graph
 from app.pruning.importance import ParameterMaskGradients, neuron_importance, parameter_mask_gradients
 from app.pruning.resources import LayerResources, ResourceTable, measure_resources
@@ -61,5 +61,6 @@ __all__ = [
     "select_global",
     "select_layerwise",
     "select_snip",
+    "slow_weight_grad_types",
     "trace_channel_graph",
 ]

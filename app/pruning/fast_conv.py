@@ -1,17 +1,19 @@
 """Convolution weight gradients as one forward convolution, for CPUs where oneDNN's is slow.
 
-On AVX2 CPUs oneDNN computes the weight gradient of a 3D convolution with its im2col + GEMM
+On CPUs without AVX-512 oneDNN computes the weight gradient of a 3D convolution with its im2col + GEMM
 implementation (``x64:gemm:jit`` in ``ONEDNN_VERBOSE``), several times slower than its direct JIT forward
-kernel of the same size (2D convolutions have a direct JIT weight pass and are fine), and it dominates
-the importance pass of RANP (Alg. 5) and the training step of a 3D network. The same gradient is a forward convolution of the input with the output
+kernel of the same size, and it dominates the importance pass of RANP (Alg. 5) and the training step of a
+3D network. 2D convolutions, and 3D ones on AVX-512 CPUs (``jit:avx512_core``), have a direct JIT weight
+pass that beats the formula below, so they are left alone by default
+(:func:`slow_weight_grad_types`). The same gradient is a forward convolution of the input with the output
 gradient, batch and channels swapped:
 
 ``dW[o, i, k] = sum_{b, z} dY[b, o, z] X_pad[b, i, s z + d k]
 = conv(X^T, dY^T, stride=d, padding=p, dilation=s)[i, o, k]`` (cropped to the kernel size),
 
 for stride ``s``, padding ``p`` and dilation ``d``. :func:`fast_conv_weight_grad` routes the CPU
-convolutions of a model (3D by default; 1d / 2d on request; zero padding, ``groups == 1``) through that
-formula while it is active; the input gradient still comes from ``convolution_backward``. Results equal autograd's up to
+convolutions of a model (3D ones on CPUs without AVX-512 by default; any dimension on request; zero
+padding, ``groups == 1``) through that formula while it is active; the input gradient still comes from ``convolution_backward``. Results equal autograd's up to
 floating-point rounding.
 """
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["conv_weight_grad", "fast_conv_weight_grad"]
+__all__ = ["conv_weight_grad", "fast_conv_weight_grad", "slow_weight_grad_types"]
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -87,7 +89,14 @@ class _ConvFastWeightGrad(torch.autograd.Function):
 
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SLOW_WEIGHT_GRAD_TYPES = (nn.Conv3d,)  # those oneDNN takes through im2col + GEMM on AVX2
+
+
+def slow_weight_grad_types() -> tuple[type[nn.Module], ...]:
+    """The convolution types whose CPU weight pass oneDNN takes through im2col + GEMM on this CPU:
+    ``(nn.Conv3d,)`` below AVX-512 (``torch.backends.cpu.get_cpu_capability()``), else none."""
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return ()
+    return (nn.Conv3d,)
 
 
 def _supported(module: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> bool:
@@ -101,14 +110,17 @@ def _supported(module: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> b
 
 @contextlib.contextmanager
 def fast_conv_weight_grad(
-    model: nn.Module, layer_types: tuple[type[nn.Module], ...] = SLOW_WEIGHT_GRAD_TYPES
+    model: nn.Module, layer_types: tuple[type[nn.Module], ...] | None = None
 ) -> Iterator[None]:
     """While active, CPU convolutions of ``model`` compute weight gradients as forward convolutions.
 
-    Applies to the ``layer_types`` (among ``nn.Conv1d/2d/3d``; default 3D only) with ``groups == 1`` and zero padding, on CPU
-    tensors; other layers and devices keep PyTorch's backward. The modules are restored on exit. A
-    graph built while it is active keeps the fast backward after exit.
+    Applies to the ``layer_types`` (among ``nn.Conv1d/2d/3d``; default :func:`slow_weight_grad_types`)
+    with ``groups == 1`` and zero padding, on CPU tensors; other layers and devices keep PyTorch's
+    backward. The modules are restored on exit. A graph built while it is active keeps the fast backward
+    after exit.
     """
+    if layer_types is None:
+        layer_types = slow_weight_grad_types()
     unknown = [t for t in layer_types if t not in CONV_TYPES]
     if unknown:
         raise ValueError(f"layer_types must be among {CONV_TYPES}, got {unknown}")
