@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from app.datamodules.volumes import ClipsDataset, SyntheticClips, SyntheticVolumes, VolumesDataset
@@ -78,6 +81,35 @@ def test_clip_networks_match_the_thesis_layout():
     assert I3D(7, width_mult=0.125)(clip).shape == (2, 7)
     with pytest.raises(ValueError, match="clip"):
         I3D(7, width_mult=0.125)(torch.randn(2, 3, 32, 32))
+
+
+def _frames_per_block(net: MobileNetV2_3D, clip: torch.Tensor) -> list[int]:
+    frames = []
+    for layer in net.features:
+        clip = layer(clip)
+        frames.append(clip.shape[2])
+    return frames
+
+
+def test_mobilenet3d_keeps_time_for_short_clips():
+    """The config's 8-frame clips: with all four temporal strides (Kopuklu et al.'s 16-frame layout) time
+    is a single frame from the 64-channel stage on, and the network did not learn the motion classes;
+    ``temporal_strides=1`` keeps all 8 frames up to the last downsampling stage, same layers."""
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs/ranp_mobilenet3d.yaml").read_text())
+    options = config["model"]["init_args"]["backbone"]["init_args"]
+    frames = config["data"]["init_args"]["frames"]
+    clip = torch.randn(2, 3, frames, 32, 32)
+    net = MobileNetV2_3D(8, width_mult=0.25, last_channel=32, temporal_strides=options["temporal_strides"])
+    with torch.no_grad():
+        kept = _frames_per_block(net.eval(), clip)
+        thesis = _frames_per_block(MobileNetV2_3D(8, width_mult=0.25, last_channel=32).eval(), clip)
+    assert kept[-2] > 1  # the last downsampling stage still sees motion over time
+    assert thesis[7:] == [1] * len(thesis[7:])  # 64-channel stage and after: one frame
+    assert len(_convs(net)) == 52 and [c.weight.shape for c in _convs(net)] == [
+        c.weight.shape for c in _convs(MobileNetV2_3D(8, width_mult=0.25, last_channel=32))
+    ]
+    with pytest.raises(ValueError, match="temporal_strides"):
+        MobileNetV2_3D(8, temporal_strides=5)
 
 
 def test_synthetic_volumes_are_pure_functions_of_seed_and_index():

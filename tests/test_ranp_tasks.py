@@ -90,7 +90,7 @@ def test_ranp_config_fits_and_the_checkpoint_reloads_slim(tmp_path, name):
         loaded = SegmentationTask.load_from_checkpoint(path, backbone=full)
         x = torch.randn(1, 1, 16, 16, 16)
     else:
-        full = MobileNetV2_3D(8, width_mult=0.25, last_channel=32)
+        full = MobileNetV2_3D(8, width_mult=0.25, last_channel=32, temporal_strides=1)  # as the config
         loaded = ClassificationTask.load_from_checkpoint(path, backbone=full)
         x = torch.randn(1, 3, 4, 16, 16)
     assert channel_spec(loaded.backbone) == checkpoint[CHECKPOINT_KEY]

@@ -225,6 +225,10 @@ class MobileNetV2_3D(ClipClassifier3d):  # noqa: N801 - the thesis' name
         last_channel: width of the last 1^3 conv (1280).
         dropout: dropout before the classifier.
         init: ``glorot``, ``orthogonal`` or ``default``.
+        temporal_strides: how many of the four downsampling stages also halve time, counted from the
+            last (4: all, as Kopuklu et al. for 16 frames, which reach one frame only in the 160-channel
+            stage). Short clips need fewer: with 8 frames and 4, time is one frame from the 64-channel
+            stage on and the network barely learns motion; 1 keeps all 8 frames up to the last stage.
 
     Shapes: ``(B, in_channels, T, H, W) -> (B, num_classes)``.
     """
@@ -248,12 +252,18 @@ class MobileNetV2_3D(ClipClassifier3d):  # noqa: N801 - the thesis' name
         last_channel: int = 1280,
         dropout: float = 0.2,
         init: str = "glorot",
+        temporal_strides: int = 4,
     ) -> None:
         if num_classes < 1 or in_channels < 1 or last_channel < 1 or width_mult <= 0:
             raise ValueError("num_classes, in_channels, last_channel and width_mult must be positive")
+        downsampling = [i for i, setting in enumerate(self.SETTINGS) if setting[3] != (1, 1, 1)]
+        if not 0 <= temporal_strides <= len(downsampling):
+            raise ValueError(f"temporal_strides must be in [0, {len(downsampling)}], got {temporal_strides}")
+        spatial_only = downsampling[: len(downsampling) - temporal_strides]
         c = max(1, int(32 * width_mult))
         layers: list[nn.Module] = [ConvNormAct3d(in_channels, c, 3, (1, 2, 2), activation="relu6")]
-        for t, channels, n, s in self.SETTINGS:
+        for stage, (t, channels, n, s) in enumerate(self.SETTINGS):
+            s = (1, *s[1:]) if stage in spatial_only else s
             out = max(1, int(channels * width_mult))
             for i in range(n):
                 layers.append(InvertedResidual3d(c, out, s if i == 0 else (1, 1, 1), t))
