@@ -326,6 +326,8 @@ def main() -> None:
     )
     parser.add_argument("--n-batches", type=int, default=4, help="batches of the importance (Alg. 5)")
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--n-train", type=int, default=32, help="training volumes")
+    parser.add_argument("--n-val", type=int, default=16, help="validation volumes")
     parser.add_argument("--train-steps", type=int, default=300, help="0: resources only")
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine to zero)")
     parser.add_argument(
@@ -360,6 +362,8 @@ def main() -> None:
 
     def suffix(run: argparse.Namespace) -> str:
         text = f"_k{run.sparsity}" if run.sparsity else ""
+        if (run.n_train, run.n_val) != (32, 16):
+            text += f"_n{run.n_train}v{run.n_val}"
         if run.train_manners:
             text += f"_{'+'.join(run.train_manners)}_steps{run.train_steps}".replace(" ", "")
         return text
@@ -368,7 +372,12 @@ def main() -> None:
     if not args.skip_unet:
         torch.manual_seed(args.seed)
         volumes = SyntheticVolumes(
-            args.classes, args.size, n_train=32, n_val=16, batch_size=args.batch_size, seed=args.seed
+            args.classes,
+            args.size,
+            n_train=args.n_train,
+            n_val=args.n_val,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
         unet = UNet3D(1, args.classes, 15, base_width=args.base_width)
         key = f"unet3d15_w{args.base_width}_s{args.size}" + suffix(args)
