@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32768
@@ -42,12 +44,28 @@ def records(path: Path) -> list[bytes]:
     return out
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The run's records once its ``exit`` record is written: W&B's service process writes the file
+    asynchronously, so right after ``wandb.finish()`` its end may still be missing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parsed = []
+        for payload in records(path):
+            record = wandb_internal_pb2.Record()
+            try:
+                record.ParseFromString(payload)
+            except DecodeError:  # the last record is still being written
+                break
+            parsed.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in parsed) or time.monotonic() > deadline:
+            return parsed
+        time.sleep(0.2)
+
+
 def history(path: Path) -> list[dict[str, object]]:
-    """Every ``wandb.log`` row of the run, as ``{key: value}`` dicts."""
+    """Every ``wandb.log`` row of the finished run, as ``{key: value}`` dicts."""
     rows = []
-    for payload in records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {
