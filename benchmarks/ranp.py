@@ -362,7 +362,7 @@ def main() -> None:
 
     def suffix(run: argparse.Namespace) -> str:
         text = f"_k{run.sparsity}" if run.sparsity else ""
-        if (run.n_train, run.n_val) != (32, 16):
+        if (run.n_train, run.n_val) != (parser.get_default("n_train"), parser.get_default("n_val")):
             text += f"_n{run.n_train}v{run.n_val}"
         if run.train_manners:
             text += f"_{'+'.join(run.train_manners)}_steps{run.train_steps}".replace(" ", "")

@@ -42,7 +42,7 @@ from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
 from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
-DEFAULT_CLASSES = 4  # background + disc, square, triangle
+NUM_CLASSES = 4
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.
@@ -55,18 +55,18 @@ BACKBONE_SPECS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_backbone(name: str, num_classes: int = DEFAULT_CLASSES) -> torch.nn.Module:
-    """The benchmark's backbone ``name`` (a key of ``BACKBONE_SPECS``), random weights, ``num_classes`` outputs."""
+def build_backbone(name: str) -> torch.nn.Module:
+    """The benchmark's backbone ``name`` (a key of ``BACKBONE_SPECS``), random weights, ``NUM_CLASSES`` outputs."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"backbone must be one of {sorted(BACKBONE_SPECS)}, got {name!r}")
     registry_name, kwargs = BACKBONE_SPECS[name]
-    return create_backbone(registry_name, num_classes, **copy.deepcopy(kwargs))
+    return create_backbone(registry_name, NUM_CLASSES, **copy.deepcopy(kwargs))
 
 
 def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes:
     """The benchmark's data; SLIC ``superpixels`` segments (compactness ``args.slic_compactness``) or none."""
     return SyntheticShapes(
-        num_classes=args.classes,
+        num_classes=NUM_CLASSES,
         image_size=args.image_size,
         n_train=args.n_train,
         n_val=args.n_val,
@@ -92,12 +92,7 @@ def trainer(epochs: int) -> L.Trainer:
 
 
 def task(backbone: torch.nn.Module, head: StructuredHead | None = None, **kwargs) -> SegmentationTask:
-    return SegmentationTask(backbone, head, num_classes=backbone_classes(backbone), log_images=0, **kwargs)
-
-
-def backbone_classes(backbone: torch.nn.Module) -> int:
-    """Output classes of a segmentation backbone: the out channels of its last convolution."""
-    return [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels
+    return SegmentationTask(backbone, head, num_classes=NUM_CLASSES, log_images=0, **kwargs)
 
 
 def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]:
@@ -115,8 +110,8 @@ def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -
     """Best achievable +SP on the validation split: the one-hot ground truth averaged over the superpixels
     (SLIC from the batch, or the FCN's hard map) in place of the logits; mIoU and FM at 1-5 px, x100."""
     data.setup("validate")
-    iou = MulticlassJaccardIndex(data.num_classes, average="macro")
-    edges = EdgeMetrics(data.num_classes, TOLERANCES)
+    iou = MulticlassJaccardIndex(NUM_CLASSES, average="macro")
+    edges = EdgeMetrics(NUM_CLASSES, TOLERANCES)
     straddling, superpixels, images = 0, 0, 0
     for batch in data.val_dataloader():
         if fcn is None:
@@ -124,7 +119,7 @@ def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -
         else:
             with torch.no_grad():
                 segments = hard_superpixels(fcn.eval()(batch["image"]), fcn.cell_size)
-        one_hot = torch.nn.functional.one_hot(batch["mask"], data.num_classes).permute(0, 3, 1, 2).float()
+        one_hot = torch.nn.functional.one_hot(batch["mask"], NUM_CLASSES).permute(0, 3, 1, 2).float()
         mean_one_hot = segment_mean(one_hot, segments)
         oracle = mean_one_hot.argmax(1)
         iou.update(oracle, batch["mask"])
@@ -151,7 +146,7 @@ def pretrain_fcn(fcn: SuperpixelFCN, data: SyntheticShapes, steps: int, compactn
     step, loss = 0, torch.tensor(0.0)
     while step < steps:
         for batch in data.train_dataloader():
-            one_hot = torch.nn.functional.one_hot(batch["mask"], data.num_classes).permute(0, 3, 1, 2).float()
+            one_hot = torch.nn.functional.one_hot(batch["mask"], NUM_CLASSES).permute(0, 3, 1, 2).float()
             property_term, position_term = superpixel_loss(
                 fcn(batch["image"]), one_hot, fcn.cell_size, compactness
             )
@@ -185,9 +180,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slic-compactness", type=float, default=20.0, help="SLIC compactness")
     parser.add_argument("--fcn-widths", type=int, nargs="+", default=[8, 16, 32, 32], help="FCN channels")
     parser.add_argument("--compactness", type=float, default=0.003, help="m of Eq. 4.1")
-    parser.add_argument(
-        "--classes", type=int, default=DEFAULT_CLASSES, help="with background; 9: all eight shape kinds"
-    )
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=64)
@@ -207,7 +199,7 @@ def main() -> None:
     data = shapes(args, superpixels=slic_segments)
     plain_data = shapes(args, superpixels=None)  # training needs no SLIC
 
-    backbone = build_backbone(args.backbone, args.classes)
+    backbone = build_backbone(args.backbone)
     trainer(args.epochs).fit(task(backbone, lr=2e-3), datamodule=plain_data)
     timings["backbone_s"] = time.perf_counter() - started
 
@@ -246,7 +238,7 @@ def main() -> None:
     headers = ["manner", "mIoU", *(f"PR@{t}" for t in TOLERANCES), *(f"FM@{t}" for t in TOLERANCES)]
     table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in rows.items()]
     title = (
-        f"SyntheticShapes {args.classes} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
+        f"SyntheticShapes {NUM_CLASSES} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
         f"backbone {args.backbone} {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
         f"fine-tuning {args.finetune_epochs} epochs at {lr:g} / TI {lr / 10:g}; SLIC n_segments "
         f"{slic_segments}, FCN cell {args.cell_size}px; {machine()}; {timings['total_s'] / 60:.1f} min"
@@ -259,7 +251,7 @@ def main() -> None:
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     path = save_json(
-        f"superpixel_{args.backbone}" + ("" if args.classes == DEFAULT_CLASSES else f"_c{args.classes}"),
+        f"superpixel_{args.backbone}",
         {
             "title": title,
             "args": vars(args),
