@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from common import RESULTS, machine, markdown_table, peak_memory_mib, timed
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from tqdm.auto import tqdm
 
 from app.datamodules.volumes import SyntheticClips, SyntheticVolumes
 from app.models.nets3d import MobileNetV2_3D, UNet3D
@@ -169,16 +170,19 @@ def plot_curves(curve: dict[str, list[dict[str, float]]], title: str, path: Any)
     print(f"wrote {path}")
 
 
-def train(model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float, seed: int) -> float:
-    """``steps`` Adam steps over ``loader`` (cycled), the learning rate cosine-annealed to zero; returns
-    the last loss. 3D weight gradients as every task trains them (:func:`fast_conv_weight_grad`)."""
+def train(
+    model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float, seed: int, desc: str = "train"
+) -> float:
+    """``steps`` Adam steps over ``loader`` (cycled), the learning rate cosine-annealed to zero, with a
+    progress bar named ``desc``; returns the last loss. 3D weight gradients as every task trains them
+    (:func:`fast_conv_weight_grad`)."""
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     model.train()
     loss = torch.zeros(())
     done = 0
-    with fast_conv_weight_grad(model):
+    with fast_conv_weight_grad(model), tqdm(total=steps, desc=desc, unit="step") as progress:
         while done < steps:
             for batch in loader:
                 optimizer.zero_grad(set_to_none=True)
@@ -187,6 +191,8 @@ def train(model: nn.Module, loader: Any, loss_fn: LossFn, steps: int, lr: float,
                 optimizer.step()
                 schedule.step()
                 done += 1
+                progress.update()
+                progress.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
                 if done == steps:
                     break
     return float(loss.detach())
@@ -245,7 +251,9 @@ def run_experiment(
                 continue
             start = time.perf_counter()
             # a fresh loader per manner: the same batches in the same order for every network
-            last = train(net, datamodule.train_dataloader(), loss_fn, args.train_steps, args.lr, args.seed)
+            last = train(
+                net, datamodule.train_dataloader(), loss_fn, args.train_steps, args.lr, args.seed, desc=name
+            )
             rows[name]["train_s"] = time.perf_counter() - start
             rows[name]["final_loss"] = last
             rows[name][metric_name] = evaluate(net, datamodule.val_dataloader(), num_classes, segmentation)
