@@ -85,7 +85,7 @@ def prune_all(
         ``pruning_s``.
     """
     start = time.perf_counter()
-    analysis = analyze_model(model, batches, loss_fn)
+    analysis = analyze_model(model, batches, loss_fn, progress=True)
     timing = {"analysis_s": time.perf_counter() - start}
     batch_size = int(batches[0]["image"].shape[0])
     max_sparsity = {method: analysis.max_sparsity(method, lam=lam) for _, method in MANNERS if method}

@@ -378,6 +378,14 @@ def test_pruned_model_is_smaller_and_trains():
     assert "| c2 |" in report.markdown() and report.summary()["kept"]["out"] == [3, 3]
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_importance_progress_bar_shows_the_batch_count_when_asked(capsys, progress):
+    torch.manual_seed(5)
+    prune_at_init(SkipNet(2), make_batches(2, n=3), ce_loss, sparsity=0.3, n_batches=2, progress=progress)
+    err = capsys.readouterr().err
+    assert ("RANP importance" in err and "/2 " in err) == progress  # total: n_batches of the 3
+
+
 def test_glorot_reinitialisation_of_the_slim_network():
     torch.manual_seed(6)
     model = SkipNet(3, width=16)

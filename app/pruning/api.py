@@ -195,6 +195,7 @@ def analyze_model(
     loss_fn: LossFn,
     n_batches: int | None = None,
     ignored_layers: Sequence[str] = (),
+    progress: bool = False,
 ) -> PruningAnalysis:
     """Trace the channel graph, measure resources and accumulate importance (Alg. 5 lines 1-6).
 
@@ -204,6 +205,7 @@ def analyze_model(
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; must call ``model``.
         n_batches: use at most this many batches (default all).
         ignored_layers: module names whose neurons are never pruned (containers cover their children).
+        progress: show a progress bar over the importance batches.
 
     Running statistics of the model are restored afterwards; its parameters are untouched.
     """
@@ -240,7 +242,9 @@ def analyze_model(
                 "the model has no prunable layer: no conv / transposed conv / linear layer with a removable "
                 f"output channel was found (traced layers: {list(graph.layers) or 'none'})"
             )
-        gradients = parameter_mask_gradients(model, taken, loss_fn, layers=list(graph.layers))
+        gradients = parameter_mask_gradients(
+            model, taken, loss_fn, layers=list(graph.layers), progress=progress
+        )
     return PruningAnalysis(
         graph=graph, gradients=gradients, resources=resources, loss_fn=loss_fn, batch=taken[0]
     )
@@ -328,6 +332,7 @@ def prune_at_init(
     init: str = "glorot",
     on_empty_layer: str = "raise",
     seed: int = 0,
+    progress: bool = True,
 ) -> PruningReport:
     """Prune ``model`` in place at initialization (thesis Alg. 5, Fig. 5.2).
 
@@ -346,6 +351,7 @@ def prune_at_init(
         on_empty_layer: ``raise`` (the error names the layer and the largest feasible sparsity) or
             ``keep_top`` (an emptied layer keeps its best neuron).
         seed: seeds random NP and the re-initialisation (global RNG state is left untouched).
+        progress: show a progress bar over the importance batches.
 
     Returns:
         :class:`PruningReport` with the resource tables before and after and kept neurons per layer.
@@ -354,7 +360,7 @@ def prune_at_init(
     _check_sparsity(sparsity)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    analysis = analyze_model(model, batches, loss_fn, n_batches, ignored_layers)
+    analysis = analyze_model(model, batches, loss_fn, n_batches, ignored_layers, progress)
     selection, max_sparsity = select_checked(
         analysis, method, sparsity, importance, reduction, lam, seed, on_empty_layer
     )

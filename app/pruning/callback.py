@@ -133,6 +133,7 @@ class RANP(Callback):
                     lambda m, b: pl_module.compute_loss(b),
                     self.n_batches,
                     self.ignored_layers,
+                    progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
                 )
                 selection, max_sparsity = select_checked(
                     analysis,

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from app.pruning.fast_conv import fast_conv_weight_grad
 from app.pruning.graph import CONV_T_LAYERS, NEURON_LAYERS
@@ -73,12 +74,20 @@ def _check_loss(loss: Any) -> torch.Tensor:
     return loss.reshape(())
 
 
+def _length(batches: Iterable[Any]) -> int | None:
+    try:
+        return len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def parameter_mask_gradients(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     layers: Sequence[str] | None = None,
     n_batches: int | None = None,
+    progress: bool = False,
 ) -> ParameterMaskGradients:
     """Accumulate the parameter mask gradients of the neuron layers over mini-batches (Alg. 5).
 
@@ -88,6 +97,7 @@ def parameter_mask_gradients(
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
         layers: names of the neuron layers to score; default every conv / transposed conv / linear layer.
         n_batches: use at most this many batches (default: all).
+        progress: show a progress bar over the batches.
 
     Returns:
         :class:`ParameterMaskGradients`. Gradients of the model are cleared afterwards.
@@ -112,6 +122,9 @@ def parameter_mask_gradients(
     absolute = {name: torch.zeros_like(per_neuron(m, m.weight.detach())) for name, m in targets.items()}
     signed = {name: torch.zeros_like(a) for name, a in absolute.items()}
     count = 0
+    length = _length(batches)
+    total_batches = length if n_batches is None else n_batches if length is None else min(n_batches, length)
+    bar = tqdm(total=total_batches, desc="RANP importance", unit="batch", disable=not progress, leave=False)
     try:
         for m in targets.values():
             m.weight.requires_grad_(True)
@@ -129,7 +142,9 @@ def parameter_mask_gradients(
                     absolute[name] += g.abs()
                     signed[name] += g
                 count += 1
+                bar.update()
     finally:
+        bar.close()
         model.zero_grad(set_to_none=True)
         for name, m in targets.items():
             m.weight.requires_grad_(requires[name])
