@@ -5,6 +5,9 @@ is flipped to a random class, the result is up-sampled (nearest) and used as the
 ``--confidence`` on the noisy label, the rest spread evenly); the CRF, guided by the image, must restore
 the labels. Rows: the unary alone, ConvCRF with k = 5, 7, 11, 13 (blur 4, 5 iterations, FullCRF kernel
 parameters) and FullCRF (pydensecrf2, the same parameters, 5 iterations) when it is installed.
+Also timed: the fused message op against the unfold reference (512x384, 21 classes, k = 7), and the
+ConvCRF head itself at full PASCAL VOC size (500x375, 21 classes, Conv11, blur 4, 5 iterations; the paper's
+26 ms on a GTX 1080 Ti), on the CPU and on the GPU when there is one.
 
     python benchmarks/convcrf.py [--device cpu|cuda] [--images 20] [--size 256] [--threads 1]
 
@@ -141,6 +144,25 @@ def fused_vs_unfold(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def pascal_speed(args: argparse.Namespace) -> list[dict]:
+    """ConvCRF head forward (Conv11, blur 4, 5 iterations) on a 500x375 image with 21 classes, per device."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 21, 375, 500, generator=generator)
+    image = torch.rand(1, 3, 375, 500, generator=generator)
+    rows = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        head = ConvCRF(filter_size=11, blur=4, n_iterations=5).to(device)
+        batch = {"image_raw": image.to(device)}
+        logits_d = logits.to(device)
+
+        def run(head=head, logits_d=logits_d, batch=batch) -> torch.Tensor:
+            with torch.no_grad():
+                return head(logits_d, batch)
+
+        rows.append({"device": device, "ms": timed(run, device, repeats=args.repeats)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -190,7 +212,15 @@ def main() -> None:
             [[r["op"], r["device"], f"{r['ms']:.1f}", f"{r['peak_MiB']:.1f}"] for r in ops],
         )
     )
-    path = save_json("convcrf", {"machine": machine(), "args": vars(args), "table1": rows, "message_op": ops})
+    pascal = pascal_speed(args)
+    print(
+        "\n## ConvCRF head at PASCAL VOC size: 500x375, 21 classes, Conv11, blur 4, 5 iterations (forward)\n"
+    )
+    print(markdown_table(["device", "ms"], [[r["device"], f"{r['ms']:.1f}"] for r in pascal]))
+    path = save_json(
+        "convcrf",
+        {"machine": machine(), "args": vars(args), "table1": rows, "message_op": ops, "pascal_head": pascal},
+    )
     print(f"\nwrote {path}")
 
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, on a machine with a CUDA GPU whose image already has torch, lightning, timm,
+# torchmetrics and pytest (the lent H100/H200; README "GPU checks"): installs the wheels that
+# scripts/fetch_gpu_wheels.sh put in .whl/ (if any), builds the extension with its CUDA kernels for this GPU,
+# runs the cuda-marked tests, then the GPU benchmarks (message passing, ConvCRF, logit consistency). Logs and
+# JSON go to $OUT (default gpu_check/; 7 files); the exit status is the tests'.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-$PWD/gpu_check}"
+mkdir -p "$out"
+python=python3
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+arch="$($python -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')" || exit 1
+start=$SECONDS
+if ! TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"
+  exit 1
+fi
+echo "extension built for sm_${arch/./} in $((SECONDS - start)) s"
+$python -c "import app.ops as ops; assert ops.has_cuda_kernels(), 'no CUDA kernels in app._C'" || exit 1
+$python -m pytest -q -m cuda -p no:cacheprovider tests 2>&1 | tee "$out/tests.log"
+status=${PIPESTATUS[0]}
+for bench in "message_passing_speed.py --device cuda --labels 32 96" "convcrf.py --device cuda --images 8" \
+  "segment_mean.py --device cuda"; do
+  echo "== benchmarks/$bench"
+  # shellcheck disable=SC2086
+  timeout 240 $python benchmarks/$bench 2>&1
+done | tee "$out/benchmarks.log"
+cp benchmarks/results/message_passing_speed_cuda_*.json benchmarks/results/convcrf.json \
+  benchmarks/results/segment_mean*.json "$out/" 2> /dev/null
+exit "$status"
