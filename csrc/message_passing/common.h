@@ -61,16 +61,30 @@ inline void direction_step(int64_t r, int64_t& dy, int64_t& dx) {
   dx = sign * kOffsets[r / 2][1];
 }
 
-// First pixels (y * W + x) of the scanlines of step (dy, dx): those whose predecessor leaves the image.
-inline std::vector<int64_t> chain_starts(int64_t height, int64_t width, int64_t dy, int64_t dx) {
-  std::vector<int64_t> starts;
-  for (int64_t y = 0; y < height; ++y) {
-    for (int64_t x = 0; x < width; ++x) {
-      const int64_t py = y - dy, px = x - dx;
-      if (py < 0 || py >= height || px < 0 || px >= width) starts.push_back(y * width + x);
-    }
+// The scanlines of step (dy, dx), |dy|, |dx| <= 2, start at the pixels whose predecessor (y - dy, x - dx) leaves
+// the image: the band of min(|dy|, H) rows at the side the step enters from, then, in the other rows, the
+// min(|dx|, W) columns at the side it enters from. n_chain_starts counts them, chain_start(k) is the k-th as
+// y * W + x (band first, row-major; every start once).
+APP_HOST_DEVICE inline int64_t n_chain_starts(int64_t height, int64_t width, int64_t dy, int64_t dx) {
+  const int64_t band_rows = dy < 0 ? (-dy < height ? -dy : height) : (dy < height ? dy : height);
+  const int64_t band_cols = dx < 0 ? (-dx < width ? -dx : width) : (dx < width ? dx : width);
+  return band_rows * width + (height - band_rows) * band_cols;
+}
+
+APP_HOST_DEVICE inline int64_t chain_start(int64_t k, int64_t height, int64_t width, int64_t dy, int64_t dx) {
+  const int64_t band_rows = dy < 0 ? (-dy < height ? -dy : height) : (dy < height ? dy : height);
+  const int64_t band_cols = dx < 0 ? (-dx < width ? -dx : width) : (dx < width ? dx : width);
+  int64_t y, x;
+  if (k < band_rows * width) {
+    const int64_t row = k / width;
+    y = dy >= 0 ? row : height - 1 - row;
+    x = k % width;
+  } else {
+    const int64_t rest = k - band_rows * width, row = rest / band_cols, col = rest % band_cols;
+    y = dy >= 0 ? band_rows + row : row;
+    x = dx >= 0 ? col : width - 1 - col;
   }
-  return starts;
+  return y * width + x;
 }
 
 // u(lambda) = min_mu h(mu) + w V_r(mu, lambda) and its first-index argmin p(lambda) (Alg. 1-2 lines 7-8).
@@ -165,8 +179,8 @@ inline int32_t normalise(scalar_t* u, int64_t n_labels) {
 
 // ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward_pair / backward_pair, the
 // sweeps of two opposite directions r_first and r_first ^ 1 over all their scanlines (forward: r_first first;
-// backward: in reverse scan order, r_first first), accumulators() (the number of (2, L, L) pairwise-gradient
-// buffers) and isgmr_combine(pending, pair_grads, grad_unary), the end of one ISGMR iteration's replay: with
+// backward: in reverse scan order, r_first first), accumulators(L) (the number of (2, L, L) pairwise-gradient
+// buffers, summed at the end) and isgmr_combine(pending, pair_grads, grad_unary), the end of one ISGMR iteration's replay: with
 // P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and pair_grads[k] = sum_{k' != k} P[k'], leaving P as
 // the device's backward_pair expects it at the next replay (ISGMR's pending starts zeroed).
 
@@ -185,7 +199,7 @@ struct BackwardState {
   scalar_t* extra;    // TRWP: E (D, N, L), message gradients are C + E[d]; ISGMR: G (K, N, L); SGM: unary gradient
   scalar_t* pending;  // ISGMR: P (K, N, L), the sender-cost gradients of the pair's sweeps
   scalar_t* grad_weights;
-  scalar_t* grad_v;  // (threads, 2, L, L): V and V^T accumulators
+  scalar_t* grad_v;  // (accumulators, 2, L, L): V and V^T accumulators
 };
 
 // An uninitialised buffer like at::empty; on the CPU under Linux its memory is marked for transparent huge pages
@@ -318,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                             v_t.const_data_ptr<scalar_t>(), kGeneral};
   at::Tensor grad_weights = at::zeros_like(weights);
-  at::Tensor grad_v = at::zeros({Sweeps::accumulators(), 2, L, L}, g.options());
+  at::Tensor grad_v = at::zeros({Sweeps::accumulators(L), 2, L, L}, g.options());
   const index_t* p_data = p.const_data_ptr<index_t>();
   const index_t* q_data = q.const_data_ptr<index_t>();
   auto run = [&](int64_t it, int64_t r_first, BackwardState<scalar_t> state) {

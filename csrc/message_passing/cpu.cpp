@@ -75,7 +75,7 @@ struct CpuSweeps {
 #endif
     baseline::backward_sweeps(grid, method, r_first, state, iteration);
   }
-  static int64_t accumulators() { return at::get_num_threads(); }
+  static int64_t accumulators(int64_t) { return at::get_num_threads(); }  // one per thread
   // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k],
   // pair_grads[k] = sum_k' P[k'] - P[k]. P needs no zeroing: the first sweep of each pair writes it.
   template <typename scalar_t>

@@ -1,7 +1,10 @@
 // ISGMR / TRWP / SGM min-sum message passing on the GPU (thesis Alg. 1-4): one thread block per scanline, the
 // block's threads over labels. A block walks its scanline pixel by pixel (the recursion of Eq. 3.9/3.10); every
-// message is a parallel min-convolution (O(L) per label, O(1) per label for Potts) plus block argmin (Eq. 3.5).
-// The host driver (iterations, buffers, index storage) is shared with the CPU in common.h.
+// message is a parallel min-convolution (O(L) per label, O(1) per label for Potts) plus block argmin (Eq. 3.5),
+// reduced by warp shuffles (Potts needs one argmin per message: the normalised message's minimum is the sender
+// costs'). A block finds its scanline's first pixel from its index (chain_start, common.h): nothing is copied
+// from the host per launch. The host driver (iterations, buffers, index storage) is shared with the CPU in
+// common.h.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,41 +27,60 @@ int threads_for(int64_t n_labels) {
   return threads;
 }
 
-// Block-wide (min, first argmin) of (value, index) pairs held one per thread; every thread gets the result.
+// (min, first argmin) of (value, index) pairs over the lanes of a warp, by butterfly shuffles: every lane gets the
+// result (the pair order is total, so all lanes agree).
 template <typename scalar_t>
-__device__ void block_argmin(scalar_t& value, int& index, scalar_t* red_v, int* red_i) {
-  const int tid = threadIdx.x;
-  red_v[tid] = value;
-  red_i[tid] = index;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (tid < stride) {
-      const scalar_t ov = red_v[tid + stride];
-      const int oi = red_i[tid + stride];
-      if (ov < red_v[tid] || (ov == red_v[tid] && oi < red_i[tid])) {
-        red_v[tid] = ov;
-        red_i[tid] = oi;
-      }
+__device__ void warp_argmin(scalar_t& value, int& index) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const scalar_t other_value = __shfl_xor_sync(0xffffffffu, value, offset);
+    const int other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+    if (other_value < value || (other_value == value && other_index < index)) {
+      value = other_value;
+      index = other_index;
     }
-    __syncthreads();
   }
-  value = red_v[0];
-  index = red_i[0];
-  __syncthreads();
 }
 
 template <typename scalar_t>
-__device__ scalar_t block_sum(scalar_t value, scalar_t* red_v) {
-  const int tid = threadIdx.x;
-  red_v[tid] = value;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-    if (tid < stride) red_v[tid] += red_v[tid + stride];
+__device__ scalar_t warp_sum(scalar_t value) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+// Block-wide (min, first argmin) of (value, index) pairs held one per thread (blockDim.x a multiple of 32, at
+// most 32 warps); every thread gets the result. Also a block barrier: shared-memory writes before the call are
+// visible after it, and reads before it are complete. red_v, red_i: one slot per warp.
+template <typename scalar_t>
+__device__ void block_argmin(scalar_t& value, int& index, scalar_t* red_v, int* red_i) {
+  warp_argmin(value, index);
+  const int n_warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  if (n_warps > 1) {
+    __syncthreads();  // the previous call's readers of red_v / red_i are done
+    if (lane == 0) {
+      red_v[threadIdx.x / 32] = value;
+      red_i[threadIdx.x / 32] = index;
+    }
     __syncthreads();
+    value = red_v[lane < n_warps ? lane : 0];
+    index = red_i[lane < n_warps ? lane : 0];
+    warp_argmin(value, index);
   }
-  const scalar_t result = red_v[0];
   __syncthreads();
-  return result;
+}
+
+// Block-wide sum, every thread gets it; the same barrier as block_argmin.
+template <typename scalar_t>
+__device__ scalar_t block_sum(scalar_t value, scalar_t* red_v) {
+  value = warp_sum(value);
+  const int n_warps = blockDim.x / 32, lane = threadIdx.x % 32;
+  if (n_warps > 1) {
+    __syncthreads();
+    if (lane == 0) red_v[threadIdx.x / 32] = value;
+    __syncthreads();
+    value = warp_sum(lane < n_warps ? red_v[lane] : scalar_t(0));
+  }
+  __syncthreads();
+  return value;
 }
 
 // (min, first argmin) over the labels of an (L) shared array.
@@ -77,12 +99,12 @@ __device__ void array_argmin(const scalar_t* a, int64_t n_labels, scalar_t& valu
 }
 
 struct Chain {
-  int64_t start, dy, dx;
+  int64_t dy, dx;  // the scan step
 };
 
 template <typename scalar_t, typename index_t>
-__global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain,
-                                     const int64_t* starts, int64_t n_starts, const scalar_t* unary, scalar_t* total,
+__global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain, int64_t n_starts,
+                                     const scalar_t* unary, scalar_t* total,
                                      const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
                                      SweepIndices<index_t> idx) {
   extern __shared__ unsigned char shared[];
@@ -90,10 +112,10 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
   scalar_t* h = reinterpret_cast<scalar_t*>(shared);
   scalar_t* u = h + L;
   scalar_t* red_v = u + L;
-  int* red_i = reinterpret_cast<int*>(red_v + blockDim.x);
+  int* red_i = reinterpret_cast<int*>(red_v + blockDim.x / 32);
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
   const int64_t b = blockIdx.x / n_starts;
-  const int64_t start = starts[blockIdx.x % n_starts];
+  const int64_t start = chain_start(blockIdx.x % n_starts, grid.height, grid.width, chain.dy, chain.dx);
   scalar_t* m_r = messages + r * N * L;
   const scalar_t* m_opp = method == kTRWP ? messages + (r ^ 1) * N * L : old_messages + (r ^ 1) * N * L;
   const scalar_t* old_r = old_messages + r * N * L;
@@ -111,6 +133,9 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
       prev = pix;
       continue;
     }
+    scalar_t low = 0;  // Eq. 3.5: min and first argmin of u
+    int q = 0;
+    bool normalised = false;
     if (prev < 0) {
       for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
         u[l] = unary[off + l];
@@ -132,11 +157,11 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
       scalar_t h_min = 0;
       int best = 0;
       if (grid.kind == kPotts) array_argmin(h, L, h_min, best, red_v, red_i);
+      const scalar_t jump = h_min + w * v_r[1];  // Potts
       for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
         scalar_t value;
         int arg;
         if (grid.kind == kPotts) {
-          const scalar_t jump = h_min + w * v_r[1];
           const bool stay = h[l] < jump || (h[l] == jump && l < best);
           value = stay ? h[l] : jump;
           arg = stay ? static_cast<int>(l) : best;
@@ -154,11 +179,16 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
         u[l] = value + (method == kSGM ? unary[off + l] : scalar_t(0));
         idx.p[off + l] = static_cast<index_t>(arg);
       }
+      if (grid.kind == kPotts && method != kSGM) {  // min u = min h, first at best unless no label stays
+        low = h_min;
+        q = jump == h_min ? 0 : best;
+        normalised = true;
+      }
     }
-    __syncthreads();
-    scalar_t low;
-    int q;
-    array_argmin(u, L, low, q, red_v, red_i);
+    if (!normalised) {
+      __syncthreads();
+      array_argmin(u, L, low, q, red_v, red_i);
+    }
     if (threadIdx.x == 0) idx.q[i] = static_cast<index_t>(q);
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
       const scalar_t value = u[l] - low;
@@ -172,8 +202,8 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
 }
 
 template <typename scalar_t, typename index_t>
-__global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain,
-                                      const int64_t* starts, int64_t n_starts, BackwardState<scalar_t> state,
+__global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain, int64_t n_starts,
+                                      BackwardState<scalar_t> state, int64_t n_accumulators,
                                       const index_t* p, const index_t* q) {
   extern __shared__ unsigned char shared[];
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
@@ -182,9 +212,9 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
   scalar_t* red_v = gs + L;
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
   const int64_t b = blockIdx.x / n_starts;
-  const int64_t start = starts[blockIdx.x % n_starts];
+  const int64_t start = chain_start(blockIdx.x % n_starts, grid.height, grid.width, chain.dy, chain.dx);
   const scalar_t* v_r = grid.v_r(r);
-  scalar_t* gv_r = state.grad_v + (r % 2) * L * L;
+  scalar_t* gv_r = state.grad_v + ((blockIdx.x % n_accumulators) * 2 + r % 2) * L * L;
   int64_t length = 0;
   const int64_t y0 = start / grid.width, x0 = start % grid.width;
   while (true) {
@@ -242,41 +272,37 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
 }
 
 struct CudaSweeps {
-  // Chain starts of direction r on the device, and the launch shape.
-  static at::Tensor starts(int64_t height, int64_t width, int64_t r, Chain& chain, const at::Device& device) {
+  // The scan step of direction r and its number of scanlines (one block each, per image).
+  static Chain chain_of(int64_t height, int64_t width, int64_t r, int64_t& n_starts) {
+    Chain chain{0, 0};
     direction_step(r, chain.dy, chain.dx);
-    const std::vector<int64_t> host = chain_starts(height, width, chain.dy, chain.dx);
-    return at::tensor(host, at::TensorOptions().dtype(at::kLong)).to(device);
+    n_starts = n_chain_starts(height, width, chain.dy, chain.dx);
+    return chain;
   }
 
   template <typename scalar_t, typename index_t>
   static void forward(const Grid<scalar_t>& grid, Method method, int64_t r, const scalar_t* unary, scalar_t* total,
                       const scalar_t* old_messages, scalar_t* messages, scalar_t* out, SweepIndices<index_t> idx) {
-    Chain chain{0, 0, 0};
-    const at::Device device(at::kCUDA, c10::cuda::current_device());
-    const at::Tensor start_list = starts(grid.height, grid.width, r, chain, device);
-    const int threads = threads_for(grid.n_labels);
-    const size_t shared = (2 * grid.n_labels + threads) * sizeof(scalar_t) + threads * sizeof(int);
-    const int64_t n_starts = start_list.numel();
+    int64_t n_starts = 0;
+    const Chain chain = chain_of(grid.height, grid.width, r, n_starts);
+    const int threads = threads_for(grid.n_labels), warps = threads / 32;
+    const size_t shared = (2 * grid.n_labels + warps) * sizeof(scalar_t) + warps * sizeof(int);
     forward_sweep_kernel<scalar_t, index_t>
         <<<grid.batch * n_starts, threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-            grid, method, r, chain, start_list.const_data_ptr<int64_t>(), n_starts, unary, total, old_messages,
-            messages, out, idx);
+            grid, method, r, chain, n_starts, unary, total, old_messages, messages, out, idx);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
   template <typename scalar_t, typename index_t>
   static void backward(const Grid<scalar_t>& grid, Method method, int64_t r, BackwardState<scalar_t> state,
                        const index_t* p, const index_t* q) {
-    Chain chain{0, 0, 0};
-    const at::Device device(at::kCUDA, c10::cuda::current_device());
-    const at::Tensor start_list = starts(grid.height, grid.width, r, chain, device);
+    int64_t n_starts = 0;
+    const Chain chain = chain_of(grid.height, grid.width, r, n_starts);
     const int threads = threads_for(grid.n_labels);
-    const size_t shared = (2 * grid.n_labels + threads) * sizeof(scalar_t);
-    const int64_t n_starts = start_list.numel();
+    const size_t shared = (2 * grid.n_labels + threads / 32) * sizeof(scalar_t);
     backward_sweep_kernel<scalar_t, index_t>
         <<<grid.batch * n_starts, threads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-            grid, method, r, chain, start_list.const_data_ptr<int64_t>(), n_starts, state, p, q);
+            grid, method, r, chain, n_starts, state, accumulators(grid.n_labels), p, q);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -301,7 +327,12 @@ struct CudaSweeps {
     }
   }
 
-  static int64_t accumulators() { return 1; }
+  // Blocks spread their pairwise-gradient atomics over this many (2, L, L) buffers (block b uses b mod n): with
+  // one buffer every block of a sweep would add into the same few entries (Potts: the diagonal) at every step.
+  // At most 32 MiB of buffers in double.
+  static int64_t accumulators(int64_t n_labels) {
+    return std::clamp<int64_t>((int64_t{32} << 20) / (2 * n_labels * n_labels * 8), 1, 128);
+  }
   template <typename scalar_t>
   static void isgmr_combine(const at::Tensor& pending, at::Tensor pair_grads, const at::Tensor& grad_unary) {
     const at::Tensor base_grad = pending.sum(0);
