@@ -15,7 +15,7 @@ Superpixel sizes (FCN cell 4 px, SLIC with as many segments as the FCN has cells
 chosen on the training split for each backbone (README "Superpixel refinement"), never on the validation
 split.
 
-    python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 200]
+    python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
         [--cell-size 4] [--finetune-epochs 2]
 
 Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json. The logit-consistency
@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backbone", choices=sorted(BACKBONE_SPECS), default="deeplabv3plus", help="segmentation network"
     )
     parser.add_argument("--epochs", type=int, default=6, help="backbone training epochs")
-    parser.add_argument("--fcn-steps", type=int, default=200, help="superpixel FCN pretraining steps")
+    parser.add_argument("--fcn-steps", type=int, default=1000, help="superpixel FCN pretraining steps")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="joint fine-tuning epochs")
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="networks; TI layers get 1/10")
     parser.add_argument("--superpixel-loss-weight", type=float, default=1.0)
