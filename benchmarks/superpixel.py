@@ -42,7 +42,7 @@ from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
 from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
-NUM_CLASSES = 4
+NUM_CLASSES = 4  # background + disc, square, triangle
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.

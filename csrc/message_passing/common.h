@@ -65,15 +65,18 @@ inline void direction_step(int64_t r, int64_t& dy, int64_t& dx) {
 // the image: the band of min(|dy|, H) rows at the side the step enters from, then, in the other rows, the
 // min(|dx|, W) columns at the side it enters from. n_chain_starts counts them, chain_start(k) is the k-th as
 // y * W + x (band first, row-major; every start once).
+APP_HOST_DEVICE inline int64_t chain_band(int64_t step, int64_t extent) {  // min(|step|, extent)
+  const int64_t size = step < 0 ? -step : step;
+  return size < extent ? size : extent;
+}
+
 APP_HOST_DEVICE inline int64_t n_chain_starts(int64_t height, int64_t width, int64_t dy, int64_t dx) {
-  const int64_t band_rows = dy < 0 ? (-dy < height ? -dy : height) : (dy < height ? dy : height);
-  const int64_t band_cols = dx < 0 ? (-dx < width ? -dx : width) : (dx < width ? dx : width);
-  return band_rows * width + (height - band_rows) * band_cols;
+  const int64_t band_rows = chain_band(dy, height);
+  return band_rows * width + (height - band_rows) * chain_band(dx, width);
 }
 
 APP_HOST_DEVICE inline int64_t chain_start(int64_t k, int64_t height, int64_t width, int64_t dy, int64_t dx) {
-  const int64_t band_rows = dy < 0 ? (-dy < height ? -dy : height) : (dy < height ? dy : height);
-  const int64_t band_cols = dx < 0 ? (-dx < width ? -dx : width) : (dx < width ? dx : width);
+  const int64_t band_rows = chain_band(dy, height), band_cols = chain_band(dx, width);
   int64_t y, x;
   if (k < band_rows * width) {
     const int64_t row = k / width;
