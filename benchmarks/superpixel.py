@@ -18,9 +18,9 @@ split.
     python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
         [--cell-size 4] [--finetune-epochs 2]
 
-Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json. The logit-consistency
-speed table (512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
-benchmarks/segment_mean.py.
+Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
+when ``--image-size`` is not the default). The logit-consistency speed table (512x512, 21 classes, ~1000
+superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
 
 from __future__ import annotations
@@ -250,8 +250,9 @@ def main() -> None:
     print("superpixel oracle (ground truth averaged over the superpixels), validation:")
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
+    size = "" if args.image_size == parse_args([]).image_size else f"_{args.image_size}px"
     path = save_json(
-        f"superpixel_{args.backbone}",
+        f"superpixel_{args.backbone}{size}",
         {
             "title": title,
             "args": vars(args),
