@@ -230,7 +230,7 @@ def evaluate(
 
 
 def step_cost(model: nn.Module, batch: dict, loss_fn: LossFn) -> dict[str, float]:
-    """Measured peak memory (MiB, CPU profiler) and median time (ms) of one training step, with the 3D
+    """Measured peak memory (MiB, CPU profiler) and median time (ms) of one float32 training step, with the 3D
     weight gradients the tasks use in training (:func:`fast_conv_weight_grad`)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()

@@ -43,6 +43,7 @@ from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
 NUM_CLASSES = 4  # background + disc, square, triangle
+DEFAULT_IMAGE_SIZE = 96  # results at other sizes are saved under their own name
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.
@@ -180,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slic-compactness", type=float, default=20.0, help="SLIC compactness")
     parser.add_argument("--fcn-widths", type=int, nargs="+", default=[8, 16, 32, 32], help="FCN channels")
     parser.add_argument("--compactness", type=float, default=0.003, help="m of Eq. 4.1")
-    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -250,7 +251,7 @@ def main() -> None:
     print("superpixel oracle (ground truth averaged over the superpixels), validation:")
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
-    size = "" if args.image_size == parse_args([]).image_size else f"_{args.image_size}px"
+    size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
     path = save_json(
         f"superpixel_{args.backbone}{size}",
         {
