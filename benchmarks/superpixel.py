@@ -19,7 +19,7 @@ split.
         [--cell-size 4] [--finetune-epochs 2]
 
 Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
-when ``--image-size`` is not the default). The logit-consistency speed table (512x512, 21 classes, ~1000
+when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not). The logit-consistency speed table (512x512, 21 classes, ~1000
 superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
 
@@ -43,7 +43,8 @@ from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
 NUM_CLASSES = 4  # background + disc, square, triangle
-DEFAULT_IMAGE_SIZE = 96  # results at other sizes are saved under their own name
+DEFAULT_IMAGE_SIZE = 96  # results at other image or cell sizes are saved under their own name
+DEFAULT_CELL_SIZE = 4
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.
@@ -174,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune-epochs", type=int, default=2, help="joint fine-tuning epochs")
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="networks; TI layers get 1/10")
     parser.add_argument("--superpixel-loss-weight", type=float, default=1.0)
-    parser.add_argument("--cell-size", type=int, default=4, help="FCN grid cell (pixels)")
+    parser.add_argument("--cell-size", type=int, default=DEFAULT_CELL_SIZE, help="FCN grid cell (pixels)")
     parser.add_argument(
         "--slic-segments", type=int, default=None, help="SLIC n_segments (default: the FCN grid's cell count)"
     )
@@ -252,8 +253,9 @@ def main() -> None:
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
+    cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
     path = save_json(
-        f"superpixel_{args.backbone}{size}",
+        f"superpixel_{args.backbone}{size}{cell}",
         {
             "title": title,
             "args": vars(args),
