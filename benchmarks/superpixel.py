@@ -19,8 +19,9 @@ split.
         [--cell-size 4] [--finetune-epochs 2]
 
 Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
-when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not). The logit-consistency speed table (512x512, 21 classes, ~1000
-superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
+when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_seed<n>`` when
+``--seed`` is not 0). The logit-consistency speed table (512x512, 21 classes, ~1000 superpixels, compiled
+vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="initialization and training order (the data are fixed)"
+    )
     return parser.parse_args(argv)
 
 
@@ -254,8 +257,9 @@ def main() -> None:
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
     cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
+    seed = "" if args.seed == 0 else f"_seed{args.seed}"
     path = save_json(
-        f"superpixel_{args.backbone}{size}{cell}",
+        f"superpixel_{args.backbone}{size}{cell}{seed}",
         {
             "title": title,
             "args": vars(args),
