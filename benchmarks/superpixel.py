@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import statistics
 import time
 
 import lightning as L
 import torch
-from common import machine, markdown_table, save_json
+from common import RESULTS, machine, markdown_table, save_json
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from app.crf_heads import LogitConsistency, StructuredHead, SuperpixelFusion
@@ -190,11 +192,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--seed", type=int, default=0, help="initialization and training order (the data are fixed)"
     )
+    parser.add_argument(
+        "--summarize-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SEED",
+        help="train nothing: mean and spread over the saved runs of these seeds (same other arguments)",
+    )
     return parser.parse_args(argv)
+
+
+def result_name(args: argparse.Namespace, seed: int | None) -> str:
+    """Name of the JSON of one run (``seed``) or of the seed summary (None) for these arguments."""
+    size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
+    cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
+    suffix = "_seeds" if seed is None else "" if seed == 0 else f"_seed{seed}"
+    return f"superpixel_{args.backbone}{size}{cell}{suffix}"
+
+
+def summarize_seeds(args: argparse.Namespace) -> None:
+    """Mean and sample standard deviation over the saved runs of ``args.summarize_seeds``, of each row and of
+    the paired differences that the Table 4.4 target is about (each step against the one before it, and
+    + SP + TI against the control fine-tuned on the same schedule)."""
+    runs = []
+    for seed in args.summarize_seeds:
+        path = RESULTS / f"{result_name(args, seed)}.json"
+        if not path.is_file():
+            raise SystemExit(f"no saved run for seed {seed}: {path} (run the benchmark with --seed {seed})")
+        runs.append(json.loads(path.read_text())["rows"])
+    metrics = ["mIoU", *(f"FM@{t}" for t in TOLERANCES)]
+    steps = {
+        "+ SP (SLIC) - backbone alone": ("+ SP (SLIC)", "backbone alone"),
+        "+ SP (superpixel FCN) - backbone alone": ("+ SP (superpixel FCN)", "backbone alone"),
+        "+ SP + TI - + SP (superpixel FCN)": ("+ SP + TI (joint fine-tuning)", "+ SP (superpixel FCN)"),
+        "+ SP + TI - control": ("+ SP + TI (joint fine-tuning)", "backbone fine-tuned alone (control)"),
+    }
+    series = {name: [[run[name][m] for run in runs] for m in metrics] for name in runs[0]}
+    series |= {
+        name: [[run[a][m] - run[b][m] for run in runs] for m in metrics] for name, (a, b) in steps.items()
+    }
+
+    def spread(values: list[float], signed: bool) -> str:
+        deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.fmean(values):{'+' if signed else ''}.2f} ± {deviation:.2f}"
+
+    table = [
+        [name, *(spread(values, name in steps) for values in columns)] for name, columns in series.items()
+    ]
+    print(
+        f"{args.backbone}, {args.image_size}px, FCN cell {args.cell_size}px, seeds {args.summarize_seeds}: "
+        "mean ± standard deviation"
+    )
+    print(markdown_table(["manner", *metrics], table))
+    summary = {
+        name: {
+            metric: {"mean": statistics.fmean(values), "values": values}
+            for metric, values in zip(metrics, columns)
+        }
+        for name, columns in series.items()
+    }
+    path = save_json(result_name(args, None), {"seeds": args.summarize_seeds, "rows": summary})
+    print(f"saved {path}")
 
 
 def main() -> None:
     args = parse_args()
+    if args.summarize_seeds:
+        summarize_seeds(args)
+        return
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, verbose=False)
     started = time.perf_counter()
@@ -255,11 +321,8 @@ def main() -> None:
     print("superpixel oracle (ground truth averaged over the superpixels), validation:")
     print(markdown_table(oracle_headers, oracle_table))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
-    size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
-    cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
-    seed = "" if args.seed == 0 else f"_seed{args.seed}"
     path = save_json(
-        f"superpixel_{args.backbone}{size}{cell}{seed}",
+        result_name(args, args.seed),
         {
             "title": title,
             "args": vars(args),

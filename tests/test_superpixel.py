@@ -1,5 +1,7 @@
 import importlib
+import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -277,3 +279,36 @@ def test_benchmark_backbones_train_under_logit_consistency(superpixel_benchmark,
     torch.testing.assert_close(logits, segment_mean(backbone_logits, batch["superpixels"]))
     model.compute_loss(batch).backward()
     assert all(p.grad is not None for p in backbone.parameters())
+
+
+def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeypatch, tmp_path):
+    """Runs are saved under names that keep sizes and seeds apart; the seed summary averages the saved rows
+    and their paired differences, and names a missing run instead of averaging fewer."""
+    monkeypatch.setattr(superpixel_benchmark, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys.modules["common"], "RESULTS", tmp_path)
+    parse = superpixel_benchmark.parse_args
+    name = superpixel_benchmark.result_name
+    assert name(parse([]), 0) == "superpixel_deeplabv3plus"
+    assert name(parse(["--backbone", "unet", "--image-size", "192"]), 2) == "superpixel_unet_192px_seed2"
+    assert (
+        name(parse(["--image-size", "192", "--cell-size", "8"]), None)
+        == "superpixel_deeplabv3plus_192px_cell8_seeds"
+    )
+    metrics = ["mIoU", *(f"FM@{t}" for t in superpixel_benchmark.TOLERANCES)]
+    manners = [
+        "backbone alone",
+        "+ SP (SLIC)",
+        "+ SP (superpixel FCN)",
+        "backbone fine-tuned alone (control)",
+        "+ SP + TI (joint fine-tuning)",
+    ]
+    for seed, offset in ((0, 0.0), (1, 2.0)):
+        rows = {manner: {m: 60.0 + 5 * k + offset for m in metrics} for k, manner in enumerate(manners)}
+        (tmp_path / f"{name(parse([]), seed)}.json").write_text(json.dumps({"rows": rows}))
+    superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "1"]))
+    summary = json.loads((tmp_path / "superpixel_deeplabv3plus_seeds.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    assert summary["rows"]["backbone alone"]["mIoU"] == {"mean": 61.0, "values": [60.0, 62.0]}
+    assert summary["rows"]["+ SP + TI - control"]["FM@3"]["values"] == [5.0, 5.0]
+    with pytest.raises(SystemExit, match="seed 7"):
+        superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "7"]))
