@@ -19,9 +19,10 @@ split.
         [--cell-size 4] [--finetune-epochs 2]
 
 Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
-when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_seed<n>`` when
-``--seed`` is not 0). The logit-consistency speed table (512x512, 21 classes, ~1000 superpixels, compiled
-vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
+when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ft<n>`` when
+``--finetune-epochs`` is not, ``_seed<n>`` when ``--seed`` is not 0). The logit-consistency speed table
+(512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
+benchmarks/segment_mean.py.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ TOLERANCES = (1, 2, 3, 4, 5)
 NUM_CLASSES = 4  # background + disc, square, triangle
 DEFAULT_IMAGE_SIZE = 96  # results at other image or cell sizes are saved under their own name
 DEFAULT_CELL_SIZE = 4
+DEFAULT_FINETUNE_EPOCHS = 2
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.
@@ -175,7 +177,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--epochs", type=int, default=6, help="backbone training epochs")
     parser.add_argument("--fcn-steps", type=int, default=1000, help="superpixel FCN pretraining steps")
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="joint fine-tuning epochs")
+    parser.add_argument(
+        "--finetune-epochs", type=int, default=DEFAULT_FINETUNE_EPOCHS, help="joint fine-tuning epochs"
+    )
     parser.add_argument("--finetune-lr", type=float, default=1e-4, help="networks; TI layers get 1/10")
     parser.add_argument("--superpixel-loss-weight", type=float, default=1.0)
     parser.add_argument("--cell-size", type=int, default=DEFAULT_CELL_SIZE, help="FCN grid cell (pixels)")
@@ -207,8 +211,9 @@ def result_name(args: argparse.Namespace, seed: int | None) -> str:
     """Name of the JSON of one run (``seed``) or of the seed summary (None) for these arguments."""
     size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
     cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
+    finetune = "" if args.finetune_epochs == DEFAULT_FINETUNE_EPOCHS else f"_ft{args.finetune_epochs}"
     suffix = "_seeds" if seed is None else "" if seed == 0 else f"_seed{seed}"
-    return f"superpixel_{args.backbone}{size}{cell}{suffix}"
+    return f"superpixel_{args.backbone}{size}{cell}{finetune}{suffix}"
 
 
 def summarize_seeds(args: argparse.Namespace) -> None:
