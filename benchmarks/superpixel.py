@@ -16,7 +16,8 @@ chosen on the training split for each backbone (README "Superpixel refinement"),
 split.
 
     python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
-        [--cell-size 4] [--finetune-epochs 2]
+        [--cell-size 4] [--finetune-epochs 2] [--seed 0]
+    python benchmarks/superpixel.py --summarize-seeds 0 1 2 3 4 [the same options]  # saved runs, mean ± std
 
 Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
 when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ft<n>`` when
