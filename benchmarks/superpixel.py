@@ -48,7 +48,14 @@ from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
 NUM_CLASSES = 4  # background + disc, square, triangle
-DEFAULT_IMAGE_SIZE = 96  # results at other image or cell sizes are saved under their own name
+# The rows of the Table 4.4 layout, in order.
+BACKBONE_ALONE = "backbone alone"
+SP_SLIC = "+ SP (SLIC)"
+SP_FCN = "+ SP (superpixel FCN)"
+CONTROL = "backbone fine-tuned alone (control)"
+SP_TI = "+ SP + TI (joint fine-tuning)"
+# Runs at other image sizes, cell sizes, fine-tuning budgets or seeds are saved under their own name.
+DEFAULT_IMAGE_SIZE = 96
 DEFAULT_CELL_SIZE = 4
 DEFAULT_FINETUNE_EPOCHS = 2
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
@@ -229,10 +236,13 @@ def summarize_seeds(args: argparse.Namespace) -> None:
         runs.append(json.loads(path.read_text())["rows"])
     metrics = ["mIoU", *(f"FM@{t}" for t in TOLERANCES)]
     steps = {
-        "+ SP (SLIC) - backbone alone": ("+ SP (SLIC)", "backbone alone"),
-        "+ SP (superpixel FCN) - backbone alone": ("+ SP (superpixel FCN)", "backbone alone"),
-        "+ SP + TI - + SP (superpixel FCN)": ("+ SP + TI (joint fine-tuning)", "+ SP (superpixel FCN)"),
-        "+ SP + TI - control": ("+ SP + TI (joint fine-tuning)", "backbone fine-tuned alone (control)"),
+        f"{later} - {earlier}": (later, earlier)
+        for later, earlier in (
+            (SP_SLIC, BACKBONE_ALONE),
+            (SP_FCN, BACKBONE_ALONE),
+            (SP_TI, SP_FCN),
+            (SP_TI, CONTROL),
+        )
     }
     series = {name: [[run[name][m] for run in runs] for m in metrics] for name in runs[0]}
     series |= {
@@ -246,10 +256,7 @@ def summarize_seeds(args: argparse.Namespace) -> None:
     table = [
         [name, *(spread(values, name in steps) for values in columns)] for name, columns in series.items()
     ]
-    print(
-        f"{args.backbone}, {args.image_size}px, FCN cell {args.cell_size}px, seeds {args.summarize_seeds}: "
-        "mean ± standard deviation"
-    )
+    print(f"{result_name(args, None)}: seeds {args.summarize_seeds}, mean ± standard deviation")
     print(markdown_table(["manner", *metrics], table))
     summary = {
         name: {
@@ -285,11 +292,9 @@ def main() -> None:
     timings["fcn_s"] = time.perf_counter() - started - timings["backbone_s"]
 
     rows = {
-        "backbone alone": evaluate(task(backbone), data),
-        "+ SP (SLIC)": evaluate(task(backbone, LogitConsistency()), data),
-        "+ SP (superpixel FCN)": evaluate(
-            task(backbone, LogitConsistency(copy.deepcopy(fcn), train_fcn=False)), data
-        ),
+        BACKBONE_ALONE: evaluate(task(backbone), data),
+        SP_SLIC: evaluate(task(backbone, LogitConsistency()), data),
+        SP_FCN: evaluate(task(backbone, LogitConsistency(copy.deepcopy(fcn), train_fcn=False)), data),
     }
 
     oracles = {"SLIC": superpixel_oracle(data), "superpixel FCN": superpixel_oracle(data, fcn)}
@@ -297,7 +302,7 @@ def main() -> None:
     lr = args.finetune_lr
     fine_tuned = task(copy.deepcopy(backbone), lr=lr, scheduler="none")
     trainer(args.finetune_epochs).fit(fine_tuned, datamodule=plain_data)
-    rows["backbone fine-tuned alone (control)"] = evaluate(task(fine_tuned.backbone), data)
+    rows[CONTROL] = evaluate(task(fine_tuned.backbone), data)
 
     head = SuperpixelFusion(
         copy.deepcopy(fcn),
@@ -309,7 +314,7 @@ def main() -> None:
     joint = task(copy.deepcopy(backbone), head, lr=lr, head_lr=lr / 10, scheduler="none")
     at_init = evaluate(joint, data)
     trainer(args.finetune_epochs).fit(joint, datamodule=plain_data)
-    rows["+ SP + TI (joint fine-tuning)"] = evaluate(joint, data)
+    rows[SP_TI] = evaluate(joint, data)
     timings["total_s"] = time.perf_counter() - started
 
     headers = ["manner", "mIoU", *(f"PR@{t}" for t in TOLERANCES), *(f"FM@{t}" for t in TOLERANCES)]

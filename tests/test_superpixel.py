@@ -296,13 +296,8 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
         == "superpixel_deeplabv3plus_192px_cell8_seeds"
     )
     metrics = ["mIoU", *(f"FM@{t}" for t in superpixel_benchmark.TOLERANCES)]
-    manners = [
-        "backbone alone",
-        "+ SP (SLIC)",
-        "+ SP (superpixel FCN)",
-        "backbone fine-tuned alone (control)",
-        "+ SP + TI (joint fine-tuning)",
-    ]
+    bench = superpixel_benchmark
+    manners = [bench.BACKBONE_ALONE, bench.SP_SLIC, bench.SP_FCN, bench.CONTROL, bench.SP_TI]
     for seed, offset in ((0, 0.0), (1, 2.0)):
         rows = {manner: {m: 60.0 + 5 * k + offset for m in metrics} for k, manner in enumerate(manners)}
         (tmp_path / f"{name(parse([]), seed)}.json").write_text(json.dumps({"rows": rows}))
@@ -310,6 +305,7 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
     summary = json.loads((tmp_path / "superpixel_deeplabv3plus_seeds.json").read_text())
     assert summary["seeds"] == [0, 1]
     assert summary["rows"]["backbone alone"]["mIoU"] == {"mean": 61.0, "values": [60.0, 62.0]}
-    assert summary["rows"]["+ SP + TI - control"]["FM@3"]["values"] == [5.0, 5.0]
+    assert summary["rows"][f"{bench.SP_TI} - {bench.CONTROL}"]["FM@3"]["values"] == [5.0, 5.0]
+    assert summary["rows"][f"{bench.SP_FCN} - {bench.BACKBONE_ALONE}"]["mIoU"]["mean"] == 10.0
     with pytest.raises(SystemExit, match="seed 7"):
         superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "7"]))
