@@ -16,12 +16,15 @@ chosen on the training split for each backbone (README "Superpixel refinement"),
 split.
 
     python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
-        [--cell-size 4] [--finetune-epochs 2] [--seed 0]
+        [--cell-size 4] [--finetune-epochs 2] [--seed 0] [--examples N]
     python benchmarks/superpixel.py --summarize-seeds 0 1 2 3 4 [the same options]  # saved runs, mean ± std
 
-Prints a markdown table and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
+Prints markdown tables and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
 when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ft<n>`` when
-``--finetune-epochs`` is not, ``_seed<n>`` when ``--seed`` is not 0). The logit-consistency speed table
+``--finetune-epochs`` is not, ``_seed<n>`` when ``--seed`` is not 0); with ``--examples N`` also
+``<that name>_examples.png``, the N validation images where + SP (SLIC) loses the most edge F-measure at
+5 px. The edge precision and recall at 1-5 px are printed and saved as well, with the ground-truth edges
+that + SP no longer recalls at 5 px. The logit-consistency speed table
 (512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
 benchmarks/segment_mean.py.
 """
@@ -33,15 +36,20 @@ import copy
 import json
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn.functional as F
 from common import RESULTS, machine, markdown_table, save_json
+from scipy import ndimage
+from skimage import io
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from app.crf_heads import LogitConsistency, StructuredHead, SuperpixelFusion
 from app.datamodules import SyntheticShapes
-from app.metrics import EdgeMetrics
+from app.metrics import EdgeMetrics, label_edges
 from app.models import SegmentationTask, SuperpixelFCN, create_backbone
 from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
 from app.ops import segment_mean
@@ -55,6 +63,7 @@ SP_FCN = "+ SP (superpixel FCN)"
 CONTROL = "backbone fine-tuned alone (control)"
 SP_TI = "+ SP + TI (joint fine-tuning)"
 # Runs at other image sizes, cell sizes, fine-tuning budgets or seeds are saved under their own name.
+SOURCES = ("SLIC", "superpixel FCN")  # superpixels of the + SP rows
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_CELL_SIZE = 4
 DEFAULT_FINETUNE_EPOCHS = 2
@@ -113,8 +122,8 @@ def task(backbone: torch.nn.Module, head: StructuredHead | None = None, **kwargs
 def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]:
     (metrics,) = trainer(1).validate(model, datamodule=data, verbose=False)
     row = {"mIoU": 100 * metrics["val/mIoU"]}
-    row.update({f"PR@{t}": 100 * metrics[f"val/edge_pr@{t}px"] for t in TOLERANCES})
-    row.update({f"FM@{t}": 100 * metrics[f"val/edge_f1@{t}px"] for t in TOLERANCES})
+    for short, key in (("PR", "pr"), ("FM", "f1"), ("P", "precision"), ("R", "recall")):
+        row.update({f"{short}@{t}": 100 * metrics[f"val/edge_{key}@{t}px"] for t in TOLERANCES})
     print(
         f"evaluated {type(model.head).__name__}: mIoU {row['mIoU']:.2f}, FM@1 {row['FM@1']:.2f}", flush=True
     )
@@ -150,6 +159,107 @@ def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -
     row["superpixels per image"] = superpixels / images
     row["straddling %"] = 100 * straddling / superpixels
     return row
+
+
+def _within(edges: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """(B, H, W) bool: pixels within ``tolerance`` px (Chebyshev) of an edge pixel, as EdgeMetrics matches."""
+    size = 2 * tolerance + 1
+    return F.max_pool2d(edges[:, None].float(), size, stride=1, padding=tolerance)[:, 0] > 0
+
+
+def _shrunk_regions(before: np.ndarray, after: np.ndarray, keep: float) -> np.ndarray:
+    """(H, W) bool: the connected one-class regions of the label map ``before`` of which less than ``keep``
+    of the pixels still carry their class in ``after``."""
+    shrunk = np.zeros(before.shape, dtype=bool)
+    for label in np.unique(before):
+        regions, count = ndimage.label(before == label)
+        kept = np.bincount(regions[after == label], minlength=count + 1) / np.bincount(regions.ravel())
+        shrunk |= (kept < keep)[regions] & (regions > 0)
+    return shrunk
+
+
+def recall_lost_to_superpixels(
+    backbone: torch.nn.Module,
+    data: SyntheticShapes,
+    fcn: SuperpixelFCN,
+    examples: int = 0,
+    examples_path: Path | None = None,
+) -> dict[str, dict[str, int]]:
+    """Where + SP loses edge recall at the widest tolerance (d = max TOLERANCES), per superpixel source.
+
+    Counts the ground-truth edge pixels that the backbone alone recalls within d px and + SP does not
+    (``lost``), the reverse (``gained``), and how many of the lost lie within d px of a backbone region (one
+    class, connected) that + SP erases or shrinks to less than 3/4 of its pixels (``lost near shrunk
+    regions``). With ``examples`` > 0, writes a PNG of the ``examples`` validation images where + SP (SLIC)
+    lowers FM@d the most to ``examples_path`` (:func:`save_edge_examples`).
+    """
+    tolerance = max(TOLERANCES)
+    model = task(backbone).eval()
+    fcn = fcn.eval()
+    data.setup("validate")
+    counts = {source: {"lost": 0, "gained": 0, "lost near shrunk regions": 0} for source in SOURCES}
+    panels = []
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            logits = model(batch["image"])
+            mask = batch["mask"]
+            target_edges = label_edges(mask)
+            prediction = logits.argmax(1)
+            recalled = target_edges & _within(label_edges(prediction), tolerance)
+            segments = {
+                "SLIC": batch["superpixels"],
+                "superpixel FCN": hard_superpixels(fcn(batch["image"]), fcn.cell_size),
+            }
+            for source in SOURCES:
+                refined = segment_mean(logits, segments[source]).argmax(1)
+                refined_recalled = target_edges & _within(label_edges(refined), tolerance)
+                lost = recalled & ~refined_recalled
+                shrunk = [
+                    _shrunk_regions(*maps, keep=0.75) for maps in zip(prediction.numpy(), refined.numpy())
+                ]
+                near_shrunk = _within(torch.from_numpy(np.stack(shrunk)), tolerance)
+                counts[source]["lost"] += int(lost.sum())
+                counts[source]["gained"] += int((refined_recalled & ~recalled).sum())
+                counts[source]["lost near shrunk regions"] += int((lost & near_shrunk).sum())
+                if examples and source == "SLIC":
+                    for sample in zip(batch["image_raw"], segments[source], mask, prediction, refined, lost):
+                        _, _, target, before, after, _ = sample
+                        change = _f_measure(after, target, tolerance) - _f_measure(before, target, tolerance)
+                        panels.append((change, sample))
+    if examples:
+        panels.sort(key=lambda panel: panel[0])
+        save_edge_examples([sample for _, sample in panels[:examples]], examples_path)
+        print(f"saved {examples_path}")
+    return counts
+
+
+def _f_measure(prediction: torch.Tensor, target: torch.Tensor, tolerance: int) -> float:
+    """Edge F-measure of one (H, W) label map at ``tolerance`` px."""
+    metric = EdgeMetrics(NUM_CLASSES, (tolerance,))
+    metric.update(prediction[None], target[None])
+    return float(metric.compute()[f"edge_f1@{tolerance}px"])
+
+
+CLASS_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 60], [60, 90, 230]], dtype=np.uint8)
+
+
+def save_edge_examples(panels: list[tuple[torch.Tensor, ...]], path: Path) -> None:
+    """One row per ``(image_raw (3, H, W), superpixels, mask, prediction, refined, lost edges)``: the image,
+    the image with its superpixel boundaries in yellow, the three label maps in class colours, the lost
+    ground-truth edges white on the last; rows separated by grey lines, scaled 3x."""
+    rows = []
+    for image_raw, segments, mask, prediction, refined, lost in panels:
+        image = (255 * image_raw.permute(1, 2, 0).clamp(0, 1).numpy()).astype(np.uint8)
+        outlined = image.copy()
+        outlined[label_edges(segments[None].long())[0].numpy()] = (255, 255, 0)
+        refined_map = CLASS_COLOURS[refined.numpy()]
+        refined_map[lost.numpy()] = 255
+        maps = [CLASS_COLOURS[mask.numpy()], CLASS_COLOURS[prediction.numpy()], refined_map]
+        row = np.concatenate([image, outlined, *maps], axis=1)
+        rows.append(np.pad(row, ((0, 2), (0, 0), (0, 0)), constant_values=128))
+    figure = np.concatenate(rows).repeat(3, axis=0).repeat(3, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.imsave(path, figure, check_contrast=False)
 
 
 def pretrain_fcn(fcn: SuperpixelFCN, data: SyntheticShapes, steps: int, compactness: float) -> float:
@@ -201,6 +311,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="save the N validation images where + SP (SLIC) lowers FM@5 most as <result name>_examples.png",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="initialization and training order (the data are fixed)"
     )
@@ -315,10 +432,15 @@ def main() -> None:
     at_init = evaluate(joint, data)
     trainer(args.finetune_epochs).fit(joint, datamodule=plain_data)
     rows[SP_TI] = evaluate(joint, data)
+    # after the fine-tuning: iterating a data loader draws from the global generator
+    examples_path = RESULTS / f"{result_name(args, args.seed)}_examples.png"
+    recall_lost = recall_lost_to_superpixels(backbone, data, fcn, args.examples, examples_path)
     timings["total_s"] = time.perf_counter() - started
 
     headers = ["manner", "mIoU", *(f"PR@{t}" for t in TOLERANCES), *(f"FM@{t}" for t in TOLERANCES)]
-    table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in rows.items()]
+    table = [[name, *(f"{row[key]:.2f}" for key in headers[1:])] for name, row in rows.items()]
+    edge_headers = ["manner", *(f"P@{t}" for t in TOLERANCES), *(f"R@{t}" for t in TOLERANCES)]
+    edge_table = [[name, *(f"{row[key]:.2f}" for key in edge_headers[1:])] for name, row in rows.items()]
     title = (
         f"SyntheticShapes {NUM_CLASSES} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
         f"backbone {args.backbone} {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
@@ -327,6 +449,12 @@ def main() -> None:
     )
     print(title)
     print(markdown_table(headers, table))
+    print("edge precision and recall:")
+    print(markdown_table(edge_headers, edge_table))
+    tolerance = max(TOLERANCES)
+    print(f"ground-truth edge pixels recalled within {tolerance} px by the backbone alone and not by + SP:")
+    lost_table = [[source, *counts.values()] for source, counts in recall_lost.items()]
+    print(markdown_table(["superpixels", *recall_lost["SLIC"]], lost_table))
     oracle_headers = ["superpixels", *oracles["SLIC"]]
     oracle_table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in oracles.items()]
     print("superpixel oracle (ground truth averaged over the superpixels), validation:")
@@ -339,6 +467,7 @@ def main() -> None:
             "args": vars(args),
             "rows": rows,
             "oracle": oracles,
+            "recall_lost": recall_lost,
             "at_init": at_init,
             "timings_s": timings,
         },

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from skimage import io as skimage_io
 from test_cli import csv_logger, last_metrics
 
 from app.cli import build_cli
@@ -309,3 +310,36 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
     assert summary["rows"][f"{bench.SP_FCN} - {bench.BACKBONE_ALONE}"]["mIoU"]["mean"] == 10.0
     with pytest.raises(SystemExit, match="seed 7"):
         superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "7"]))
+
+
+def test_benchmark_finds_regions_that_superpixels_shrink(superpixel_benchmark):
+    """A region counts as shrunk when less than ``keep`` of its pixels keep its class; each connected
+    region of a class is judged on its own."""
+    before = torch.zeros(6, 8, dtype=torch.long)
+    before[1:3, 1:3] = 1  # a 4-pixel region, half of it kept below
+    before[1:3, 5:7] = 1  # another region of the same class, all of it kept
+    after = torch.zeros_like(before)
+    after[1:3, 1] = 1
+    after[1:3, 5:7] = 1
+    shrunk = superpixel_benchmark._shrunk_regions(before.numpy(), after.numpy(), keep=0.75)
+    expected = torch.zeros(6, 8, dtype=torch.bool)
+    expected[1:3, 1:3] = True
+    assert torch.equal(torch.from_numpy(shrunk), expected)
+    lenient = superpixel_benchmark._shrunk_regions(before.numpy(), after.numpy(), keep=0.5)
+    assert not lenient.any()  # background keeps 40 of 40 pixels, the first square 2 of 4
+
+
+def test_benchmark_counts_recall_lost_to_superpixels_and_draws_examples(superpixel_benchmark, tmp_path):
+    bench = superpixel_benchmark
+    torch.manual_seed(0)
+    data = SyntheticShapes(num_classes=4, image_size=48, n_train=2, n_val=3, batch_size=2, superpixels=144)
+    backbone = bench.build_backbone("unet")
+    fcn = SuperpixelFCN(cell_size=4, widths=(4, 4, 4, 4))
+    path = tmp_path / "examples.png"
+    counts = bench.recall_lost_to_superpixels(backbone, data, fcn, examples=2, examples_path=path)
+    assert set(counts) == set(bench.SOURCES)
+    for source in bench.SOURCES:
+        assert 0 <= counts[source]["lost near shrunk regions"] <= counts[source]["lost"]
+        assert counts[source]["gained"] >= 0
+    figure = skimage_io.imread(path)
+    assert figure.shape == (2 * 3 * 50, 3 * 5 * 48, 3)  # 2 rows of 5 panels (48 px + 2 px of separator), 3x
