@@ -344,14 +344,19 @@ def result_name(args: argparse.Namespace, seed: int | None) -> str:
 def summarize_seeds(args: argparse.Namespace) -> None:
     """Mean and sample standard deviation over the saved runs of ``args.summarize_seeds``, of each row and of
     the paired differences that the Table 4.4 target is about (each step against the one before it, and
-    + SP + TI against the control fine-tuned on the same schedule)."""
+    + SP + TI against the control fine-tuned on the same schedule): mIoU and FM, and edge precision and
+    recall when every run saved them."""
     runs = []
     for seed in args.summarize_seeds:
         path = RESULTS / f"{result_name(args, seed)}.json"
         if not path.is_file():
             raise SystemExit(f"no saved run for seed {seed}: {path} (run the benchmark with --seed {seed})")
         runs.append(json.loads(path.read_text())["rows"])
-    metrics = ["mIoU", *(f"FM@{t}" for t in TOLERANCES)]
+    tables = [["mIoU", *(f"FM@{t}" for t in TOLERANCES)]]
+    edge_metrics = [f"{kind}@{t}" for kind in ("P", "R") for t in TOLERANCES]
+    if all(metric in row for run in runs for row in run.values() for metric in edge_metrics):
+        tables.append(edge_metrics)
+    metrics = [metric for table in tables for metric in table]
     steps = {
         f"{later} - {earlier}": (later, earlier)
         for later, earlier in (
@@ -370,11 +375,14 @@ def summarize_seeds(args: argparse.Namespace) -> None:
         deviation = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.fmean(values):{'+' if signed else ''}.2f} ± {deviation:.2f}"
 
-    table = [
-        [name, *(spread(values, name in steps) for values in columns)] for name, columns in series.items()
-    ]
     print(f"{result_name(args, None)}: seeds {args.summarize_seeds}, mean ± standard deviation")
-    print(markdown_table(["manner", *metrics], table))
+    for table_metrics in tables:
+        columns = [metrics.index(metric) for metric in table_metrics]
+        table = [
+            [name, *(spread(values[column], name in steps) for column in columns)]
+            for name, values in series.items()
+        ]
+        print(markdown_table(["manner", *table_metrics], table))
     summary = {
         name: {
             metric: {"mean": statistics.fmean(values), "values": values}

@@ -296,14 +296,23 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
         name(parse(["--image-size", "192", "--cell-size", "8"]), None)
         == "superpixel_deeplabv3plus_192px_cell8_seeds"
     )
-    metrics = ["mIoU", *(f"FM@{t}" for t in superpixel_benchmark.TOLERANCES)]
+    tolerances = superpixel_benchmark.TOLERANCES
+    metrics = ["mIoU", *(f"{kind}@{t}" for kind in ("FM", "P", "R") for t in tolerances)]
     bench = superpixel_benchmark
     manners = [bench.BACKBONE_ALONE, bench.SP_SLIC, bench.SP_FCN, bench.CONTROL, bench.SP_TI]
-    for seed, offset in ((0, 0.0), (1, 2.0)):
-        rows = {manner: {m: 60.0 + 5 * k + offset for m in metrics} for k, manner in enumerate(manners)}
-        (tmp_path / f"{name(parse([]), seed)}.json").write_text(json.dumps({"rows": rows}))
-    superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "1"]))
-    summary = json.loads((tmp_path / "superpixel_deeplabv3plus_seeds.json").read_text())
+
+    def summarize(seed_metrics: dict[int, list[str]]) -> dict:
+        for seed, offset in ((0, 0.0), (1, 2.0)):
+            rows = {m: {k: 60.0 + 5 * i + offset for k in seed_metrics[seed]} for i, m in enumerate(manners)}
+            (tmp_path / f"{name(parse([]), seed)}.json").write_text(json.dumps({"rows": rows}))
+        superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "1"]))
+        return json.loads((tmp_path / "superpixel_deeplabv3plus_seeds.json").read_text())
+
+    # precision and recall are summarised only when every run saved them (runs before session 8 did not)
+    summary = summarize({0: metrics[:6], 1: metrics})
+    assert set(summary["rows"]["backbone alone"]) == set(metrics[:6])
+    summary = summarize({0: metrics, 1: metrics})
+    assert summary["rows"][f"{bench.SP_SLIC} - {bench.BACKBONE_ALONE}"]["R@5"]["values"] == [5.0, 5.0]
     assert summary["seeds"] == [0, 1]
     assert summary["rows"]["backbone alone"]["mIoU"] == {"mean": 61.0, "values": [60.0, 62.0]}
     assert summary["rows"][f"{bench.SP_TI} - {bench.CONTROL}"]["FM@3"]["values"] == [5.0, 5.0]
