@@ -233,6 +233,13 @@ def recall_lost_to_superpixels(
     return counts
 
 
+def recall_lost_table(recall_lost: dict[str, dict[str, object]]) -> str:
+    """The counts of :func:`recall_lost_to_superpixels` (or their summary over seeds) as a titled table."""
+    title = f"ground-truth edge pixels recalled within {max(TOLERANCES)} px by the backbone alone and not by + SP:"
+    table = [[source, *recall_lost[source].values()] for source in SOURCES]
+    return f"{title}\n{markdown_table(['superpixels', *recall_lost[SOURCES[0]]], table)}"
+
+
 def _f_measure(prediction: torch.Tensor, target: torch.Tensor, tolerance: int) -> float:
     """Edge F-measure of one (H, W) label map at ``tolerance`` px."""
     metric = EdgeMetrics(NUM_CLASSES, (tolerance,))
@@ -346,12 +353,13 @@ def summarize_seeds(args: argparse.Namespace) -> None:
     the paired differences that the Table 4.4 target is about (each step against the one before it, and
     + SP + TI against the control fine-tuned on the same schedule): mIoU and FM, and edge precision and
     recall when every run saved them."""
-    runs = []
+    saved = []
     for seed in args.summarize_seeds:
         path = RESULTS / f"{result_name(args, seed)}.json"
         if not path.is_file():
             raise SystemExit(f"no saved run for seed {seed}: {path} (run the benchmark with --seed {seed})")
-        runs.append(json.loads(path.read_text())["rows"])
+        saved.append(json.loads(path.read_text()))
+    runs = [run["rows"] for run in saved]
     tables = [["mIoU", *(f"FM@{t}" for t in TOLERANCES)]]
     edge_metrics = [f"{kind}@{t}" for kind in ("P", "R") for t in TOLERANCES]
     if all(metric in row for run in runs for row in run.values() for metric in edge_metrics):
@@ -390,7 +398,22 @@ def summarize_seeds(args: argparse.Namespace) -> None:
         }
         for name, columns in series.items()
     }
-    path = save_json(result_name(args, None), {"seeds": args.summarize_seeds, "rows": summary})
+    payload = {"seeds": args.summarize_seeds, "rows": summary}
+    if all("recall_lost" in run for run in saved):
+        counts = {
+            source: {
+                key: [run["recall_lost"][source][key] for run in saved]
+                for key in saved[0]["recall_lost"][source]
+            }
+            for source in SOURCES
+        }
+        print(
+            recall_lost_table(
+                {source: {k: spread(v, False) for k, v in counts[source].items()} for source in SOURCES}
+            )
+        )
+        payload["recall_lost"] = counts
+    path = save_json(result_name(args, None), payload)
     print(f"saved {path}")
 
 
@@ -459,10 +482,7 @@ def main() -> None:
     print(markdown_table(headers, table))
     print("edge precision and recall:")
     print(markdown_table(edge_headers, edge_table))
-    tolerance = max(TOLERANCES)
-    print(f"ground-truth edge pixels recalled within {tolerance} px by the backbone alone and not by + SP:")
-    lost_table = [[source, *counts.values()] for source, counts in recall_lost.items()]
-    print(markdown_table(["superpixels", *recall_lost["SLIC"]], lost_table))
+    print(recall_lost_table(recall_lost))
     oracle_headers = ["superpixels", *oracles["SLIC"]]
     oracle_table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in oracles.items()]
     print("superpixel oracle (ground truth averaged over the superpixels), validation:")

@@ -301,18 +301,22 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
     bench = superpixel_benchmark
     manners = [bench.BACKBONE_ALONE, bench.SP_SLIC, bench.SP_FCN, bench.CONTROL, bench.SP_TI]
 
-    def summarize(seed_metrics: dict[int, list[str]]) -> dict:
+    def summarize(seed_metrics: dict[int, list[str]], recall_lost: dict | None = None) -> dict:
         for seed, offset in ((0, 0.0), (1, 2.0)):
             rows = {m: {k: 60.0 + 5 * i + offset for k in seed_metrics[seed]} for i, m in enumerate(manners)}
-            (tmp_path / f"{name(parse([]), seed)}.json").write_text(json.dumps({"rows": rows}))
+            run = {"rows": rows} | ({"recall_lost": recall_lost} if recall_lost else {})
+            (tmp_path / f"{name(parse([]), seed)}.json").write_text(json.dumps(run))
         superpixel_benchmark.summarize_seeds(parse(["--summarize-seeds", "0", "1"]))
         return json.loads((tmp_path / "superpixel_deeplabv3plus_seeds.json").read_text())
 
     # precision and recall are summarised only when every run saved them (runs before session 8 did not)
     summary = summarize({0: metrics[:6], 1: metrics})
     assert set(summary["rows"]["backbone alone"]) == set(metrics[:6])
-    summary = summarize({0: metrics, 1: metrics})
+    assert "recall_lost" not in summary
+    counts = {source: {"lost": 10, "gained": 2, "lost near shrunk regions": 4} for source in bench.SOURCES}
+    summary = summarize({0: metrics, 1: metrics}, counts)
     assert summary["rows"][f"{bench.SP_SLIC} - {bench.BACKBONE_ALONE}"]["R@5"]["values"] == [5.0, 5.0]
+    assert summary["recall_lost"]["SLIC"]["lost"] == [10, 10]
     assert summary["seeds"] == [0, 1]
     assert summary["rows"]["backbone alone"]["mIoU"] == {"mean": 61.0, "values": [60.0, 62.0]}
     assert summary["rows"][f"{bench.SP_TI} - {bench.CONTROL}"]["FM@3"]["values"] == [5.0, 5.0]
