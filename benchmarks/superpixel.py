@@ -16,12 +16,13 @@ chosen on the training split for each backbone (README "Superpixel refinement"),
 split.
 
     python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
-        [--cell-size 4] [--finetune-epochs 2] [--seed 0] [--examples N]
+        [--cell-size 4] [--finetune-epochs 2] [--noise-std 0.1] [--seed 0] [--examples N]
     python benchmarks/superpixel.py --summarize-seeds 0 1 2 3 4 [the same options]  # saved runs, mean ± std
 
 Prints markdown tables and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
 when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ft<n>`` when
-``--finetune-epochs`` is not, ``_seed<n>`` when ``--seed`` is not 0); with ``--examples N`` also
+``--finetune-epochs`` is not, ``_noise<std>`` when ``--noise-std`` is not, ``_seed<n>`` when ``--seed`` is
+not 0); with ``--examples N`` also
 ``<that name>_examples.png``, the N validation images where + SP (SLIC) loses the most edge F-measure at
 5 px. The edge precision and recall at 1-5 px are printed and saved as well, with the ground-truth edges
 that + SP no longer recalls at 5 px. The logit-consistency speed table
@@ -67,6 +68,7 @@ SOURCES = ("SLIC", "superpixel FCN")  # superpixels of the + SP rows
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_CELL_SIZE = 4
 DEFAULT_FINETUNE_EPOCHS = 2
+DEFAULT_NOISE_STD = 0.1  # SyntheticShapes' default
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.
@@ -92,6 +94,7 @@ def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes
     return SyntheticShapes(
         num_classes=NUM_CLASSES,
         image_size=args.image_size,
+        noise_std=args.noise_std,
         n_train=args.n_train,
         n_val=args.n_val,
         batch_size=16,
@@ -315,6 +318,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fcn-widths", type=int, nargs="+", default=[8, 16, 32, 32], help="FCN channels")
     parser.add_argument("--compactness", type=float, default=0.003, help="m of Eq. 4.1")
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    parser.add_argument(
+        "--noise-std", type=float, default=DEFAULT_NOISE_STD, help="SyntheticShapes' image noise level"
+    )
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
@@ -344,8 +350,9 @@ def result_name(args: argparse.Namespace, seed: int | None) -> str:
     size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
     cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
     finetune = "" if args.finetune_epochs == DEFAULT_FINETUNE_EPOCHS else f"_ft{args.finetune_epochs}"
+    noise = "" if args.noise_std == DEFAULT_NOISE_STD else f"_noise{args.noise_std:g}"
     suffix = "_seeds" if seed is None else "" if seed == 0 else f"_seed{seed}"
-    return f"superpixel_{args.backbone}{size}{cell}{finetune}{suffix}"
+    return f"superpixel_{args.backbone}{size}{cell}{finetune}{noise}{suffix}"
 
 
 def summarize_seeds(args: argparse.Namespace) -> None:

@@ -292,6 +292,7 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
     assert name(parse([]), 0) == "superpixel_deeplabv3plus"
     assert name(parse(["--backbone", "unet", "--image-size", "192"]), 2) == "superpixel_unet_192px_seed2"
     assert name(parse(["--finetune-epochs", "6"]), 0) == "superpixel_deeplabv3plus_ft6"
+    assert name(parse(["--noise-std", "0.02"]), 3) == "superpixel_deeplabv3plus_noise0.02_seed3"
     assert (
         name(parse(["--image-size", "192", "--cell-size", "8"]), None)
         == "superpixel_deeplabv3plus_192px_cell8_seeds"
