@@ -12,7 +12,7 @@ mistaken for the gain of more training.
 Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100. The
 superpixel oracle (the ground truth averaged over each source's superpixels) bounds what +SP can reach.
 Superpixel sizes (FCN cell 4 px, SLIC with as many segments as the FCN has cells, compactness 20) were
-chosen on the training split for each backbone (README "Superpixel refinement"), never on the validation
+chosen on the training split for each backbone (docs/superpixel_experiments.md), never on the validation
 split.
 
     python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
