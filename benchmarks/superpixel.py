@@ -22,12 +22,10 @@ split.
 Prints markdown tables and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
 when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ft<n>`` when
 ``--finetune-epochs`` is not, ``_noise<std>`` when ``--noise-std`` is not, ``_seed<n>`` when ``--seed`` is
-not 0); with ``--examples N`` also
-``<that name>_examples.png``, the N validation images where + SP (SLIC) loses the most edge F-measure at
-5 px. The edge precision and recall at 1-5 px are printed and saved as well, with the ground-truth edges
-that + SP no longer recalls at 5 px. The logit-consistency speed table
-(512x512, 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is
-benchmarks/segment_mean.py.
+not 0); with ``--examples N`` also ``<that name>_examples.png``, the N validation images where + SP (SLIC)
+loses the most edge F-measure at 5 px. Edge precision and recall at 1-5 px are printed and saved as well,
+with the ground-truth edges that + SP no longer recalls at 5 px. The logit-consistency speed table (512x512,
+21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
 
 from __future__ import annotations
@@ -42,7 +40,6 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import RESULTS, machine, markdown_table, save_json
 from scipy import ndimage
 from skimage import io
@@ -50,7 +47,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from app.crf_heads import LogitConsistency, StructuredHead, SuperpixelFusion
 from app.datamodules import SyntheticShapes
-from app.metrics import EdgeMetrics, label_edges
+from app.metrics import EdgeMetrics, label_edges, within_tolerance
 from app.models import SegmentationTask, SuperpixelFCN, create_backbone
 from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
 from app.ops import segment_mean
@@ -164,12 +161,6 @@ def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -
     return row
 
 
-def _within(edges: torch.Tensor, tolerance: int) -> torch.Tensor:
-    """(B, H, W) bool: pixels within ``tolerance`` px (Chebyshev) of an edge pixel, as EdgeMetrics matches."""
-    size = 2 * tolerance + 1
-    return F.max_pool2d(edges[:, None].float(), size, stride=1, padding=tolerance)[:, 0] > 0
-
-
 def _shrunk_regions(before: np.ndarray, after: np.ndarray, keep: float) -> np.ndarray:
     """(H, W) bool: the connected one-class regions of the label map ``before`` of which less than ``keep``
     of the pixels still carry their class in ``after``."""
@@ -208,19 +199,19 @@ def recall_lost_to_superpixels(
             mask = batch["mask"]
             target_edges = label_edges(mask)
             prediction = logits.argmax(1)
-            recalled = target_edges & _within(label_edges(prediction), tolerance)
+            recalled = target_edges & within_tolerance(label_edges(prediction), tolerance)
             segments = {
                 "SLIC": batch["superpixels"],
                 "superpixel FCN": hard_superpixels(fcn(batch["image"]), fcn.cell_size),
             }
             for source in SOURCES:
                 refined = segment_mean(logits, segments[source]).argmax(1)
-                refined_recalled = target_edges & _within(label_edges(refined), tolerance)
+                refined_recalled = target_edges & within_tolerance(label_edges(refined), tolerance)
                 lost = recalled & ~refined_recalled
                 shrunk = [
                     _shrunk_regions(*maps, keep=0.75) for maps in zip(prediction.numpy(), refined.numpy())
                 ]
-                near_shrunk = _within(torch.from_numpy(np.stack(shrunk)), tolerance)
+                near_shrunk = within_tolerance(torch.from_numpy(np.stack(shrunk)), tolerance)
                 counts[source]["lost"] += int(lost.sum())
                 counts[source]["gained"] += int((refined_recalled & ~recalled).sum())
                 counts[source]["lost near shrunk regions"] += int((lost & near_shrunk).sum())
@@ -381,9 +372,9 @@ def summarize_seeds(args: argparse.Namespace) -> None:
             (SP_TI, CONTROL),
         )
     }
-    series = {name: [[run[name][m] for run in runs] for m in metrics] for name in runs[0]}
+    series = {name: {m: [run[name][m] for run in runs] for m in metrics} for name in runs[0]}
     series |= {
-        name: [[run[a][m] - run[b][m] for run in runs] for m in metrics] for name, (a, b) in steps.items()
+        name: {m: [run[a][m] - run[b][m] for run in runs] for m in metrics} for name, (a, b) in steps.items()
     }
 
     def spread(values: list[float], signed: bool) -> str:
@@ -392,18 +383,14 @@ def summarize_seeds(args: argparse.Namespace) -> None:
 
     print(f"{result_name(args, None)}: seeds {args.summarize_seeds}, mean ± standard deviation")
     for table_metrics in tables:
-        columns = [metrics.index(metric) for metric in table_metrics]
         table = [
-            [name, *(spread(values[column], name in steps) for column in columns)]
+            [name, *(spread(values[m], name in steps) for m in table_metrics)]
             for name, values in series.items()
         ]
         print(markdown_table(["manner", *table_metrics], table))
     summary = {
-        name: {
-            metric: {"mean": statistics.fmean(values), "values": values}
-            for metric, values in zip(metrics, columns)
-        }
-        for name, columns in series.items()
+        name: {m: {"mean": statistics.fmean(v), "values": v} for m, v in values.items()}
+        for name, values in series.items()
     }
     payload = {"seeds": args.summarize_seeds, "rows": summary}
     if all("recall_lost" in run for run in saved):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.metrics import EdgeMetrics, edge_match_counts, label_edges
+from app.metrics import EdgeMetrics, edge_match_counts, label_edges, within_tolerance
 
 
 def halves(boundary: int, size: int = 12) -> torch.Tensor:
@@ -234,3 +234,12 @@ def test_cuda_matches_cpu() -> None:
     gpu.update(pred.cuda(), target.cuda())
     for key, value in cpu.compute().items():
         assert torch.equal(gpu.compute()[key].cpu(), value), key
+
+
+def test_within_tolerance_is_the_chebyshev_square_clipped_at_the_border():
+    edges = torch.zeros(1, 6, 7, dtype=torch.bool)
+    edges[0, 1, 5] = True
+    expected = torch.zeros_like(edges)
+    expected[0, 0:4, 3:7] = True  # rows -1..3 and columns 3..7, clipped to the image
+    assert torch.equal(within_tolerance(edges, 2), expected)
+    assert torch.equal(within_tolerance(edges, 0), edges)

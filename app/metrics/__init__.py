@@ -1,5 +1,5 @@
 """Metrics torchmetrics lacks. Stands beside the other subpackages and imports none of them."""
 
-from app.metrics.edges import EdgeMetrics, edge_match_counts, label_edges
+from app.metrics.edges import EdgeMetrics, edge_match_counts, label_edges, within_tolerance
 
-__all__ = ["EdgeMetrics", "edge_match_counts", "label_edges"]
+__all__ = ["EdgeMetrics", "edge_match_counts", "label_edges", "within_tolerance"]

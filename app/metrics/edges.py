@@ -57,14 +57,28 @@ def _check_tolerances(tolerances: Sequence[int]) -> tuple[int, ...]:
     return tuple(tolerances)
 
 
+def within_tolerance(edges: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """Pixels within ``tolerance`` px of an edge pixel (Chebyshev distance: the (2d+1) x (2d+1) square).
+
+    Args:
+        edges: (B, H, W) bool map (edges, or any set of pixels).
+        tolerance: int >= 0.
+
+    Returns:
+        (B, H, W) bool map.
+    """
+    size = 2 * tolerance + 1
+    return F.max_pool2d(edges[:, None].float(), size, stride=1, padding=tolerance)[:, 0] > 0
+
+
 def edge_match_counts(
     pred_edges: torch.Tensor, target_edges: torch.Tensor, tolerances: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count edge pixels matched within each tolerance (Chebyshev distance, by max-pool dilation).
+    """Count edge pixels matched within each tolerance (:func:`within_tolerance`).
 
     A predicted edge pixel is a true positive at tolerance d when a ground-truth edge pixel lies within
     d pixels (the (2d+1) x (2d+1) square around it); a ground-truth edge pixel is recalled when a
-    predicted edge pixel lies within d pixels. Dilations grow by one 3x3 max-pool per pixel of tolerance.
+    predicted edge pixel lies within d pixels.
 
     Args:
         pred_edges: (B, H, W) bool predicted edges.
@@ -83,19 +97,9 @@ def edge_match_counts(
             f"pred_edges {tuple(pred_edges.shape)} and target_edges {tuple(target_edges.shape)} "
             "differ in shape"
         )
-    pred_grown = pred_edges[:, None].float()
-    target_grown = target_edges[:, None].float()
-    matched_pred = torch.zeros(len(tolerances), dtype=torch.int64, device=pred_edges.device)
-    matched_target = torch.zeros_like(matched_pred)
-    radius = 0
-    for tolerance, index in sorted((t, i) for i, t in enumerate(tolerances)):
-        while radius < tolerance:
-            pred_grown = F.max_pool2d(pred_grown, kernel_size=3, stride=1, padding=1)
-            target_grown = F.max_pool2d(target_grown, kernel_size=3, stride=1, padding=1)
-            radius += 1
-        matched_pred[index] = (pred_edges & (target_grown[:, 0] > 0)).sum()
-        matched_target[index] = (target_edges & (pred_grown[:, 0] > 0)).sum()
-    return matched_pred, matched_target
+    matched_pred = [(pred_edges & within_tolerance(target_edges, d)).sum() for d in tolerances]
+    matched_target = [(target_edges & within_tolerance(pred_edges, d)).sum() for d in tolerances]
+    return torch.stack(matched_pred), torch.stack(matched_target)
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
