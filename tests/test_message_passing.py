@@ -10,7 +10,10 @@ app::meanfield, differentiated from the stored distributions) is checked the sam
 from __future__ import annotations
 
 import importlib
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -174,6 +177,48 @@ def test_full_and_partial_label_vectors_match_reference(method, kind):
         )
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g.double(), e, rtol=tolerance, atol=tolerance)
+
+
+_BASELINE_SCRIPT = """
+import sys, torch
+from app.ops import message_passing
+from app.ops.reference import Pairwise
+unary, matrix, weights, grad = torch.load(sys.argv[1])
+results = []
+for method in ("isgmr", "trwp", "sgm"):
+    for pairwise in (matrix, Pairwise("potts", torch.tensor(0.8))):
+        u = unary.clone().requires_grad_()
+        w = weights.clone().requires_grad_()
+        costs = message_passing(u, pairwise, w, method, 8, 2)
+        results += [costs.detach(), *torch.autograd.grad(costs, (u, w), grad)]
+torch.save(results, sys.argv[2])
+"""
+
+
+def test_baseline_and_avx2_sweeps_agree_bitwise(tmp_path):
+    """The CPU sweeps are compiled for baseline x86-64 and for AVX2 (picked at run time); APP_DISABLE_AVX2=1
+    keeps the baseline copy. Both round alike, so float32 costs and gradients are bitwise equal (19 labels:
+    full and partial label vectors, uint8 indices, general and Potts pairwise)."""
+    gen = torch.Generator().manual_seed(31)
+    inputs = [
+        torch.rand(1, 19, 9, 11, generator=gen) * 4,
+        torch.rand(19, 19, generator=gen) * 2,
+        torch.rand(1, 4, 9, 11, generator=gen) + 0.1,
+        torch.randn(1, 19, 9, 11, generator=gen),
+    ]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    outputs = {}
+    for name, disable in (("default", "0"), ("baseline", "1")):
+        env = {**os.environ, "APP_DISABLE_AVX2": disable}
+        subprocess.run(
+            [sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / name)],
+            env=env,
+            check=True,
+        )
+        outputs[name] = torch.load(tmp_path / name)
+    assert len(outputs["default"]) == 18
+    for got, expected in zip(outputs["baseline"], outputs["default"], strict=True):
+        assert torch.equal(got, expected)
 
 
 def test_many_labels_use_wide_indices():

@@ -1,17 +1,23 @@
 // ISGMR / TRWP / SGM min-sum message passing on the CPU (thesis Alg. 1-4); the sweeps are in cpu_sweeps.h.
 // The sweeps are compiled twice on x86-64 with GCC: for the baseline instruction set (SSE2, what the wheel
 // targets) and for AVX2 (twice the vector width); forward and backward pick AVX2 at run time where
-// __builtin_cpu_supports finds it. The AVX2 variant leaves FMA off so that both round alike: results are
-// bitwise the same on every x86-64.
+// __builtin_cpu_supports finds it (APP_DISABLE_AVX2=1 keeps the baseline copy). The AVX2 variant leaves FMA off so
+// that both round alike: results are bitwise the same on every x86-64. The body sees APP_SWEEPS_AVX2 in its AVX2
+// copy, where it may use AVX2 intrinsics.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -40,13 +46,20 @@ namespace baseline {
 #if APP_MESSAGE_PASSING_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define APP_SWEEPS_AVX2 1
 namespace avx2 {
 #include "cpu_sweeps.h"
 }  // namespace avx2
+#undef APP_SWEEPS_AVX2
 #pragma GCC pop_options
 
+// APP_DISABLE_AVX2=1 (read once) keeps the baseline copy, so that it can be tested on an AVX2 machine.
 bool has_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2");
+  static const bool supported = [] {
+    const char* disable = std::getenv("APP_DISABLE_AVX2");
+    const bool disabled = disable != nullptr && disable[0] != '\0' && std::strcmp(disable, "0") != 0;
+    return __builtin_cpu_supports("avx2") && !disabled;
+  }();
   return supported;
 }
 #endif

@@ -77,7 +77,8 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
 
 // ---- Label vectors: kCount labels per operation (one AVX2 register, two SSE2 registers in the baseline build),
 // written with GCC vector extensions so that both builds share the code and sum in the same order (bitwise equal
-// results). Partial vectors (the last count < kCount labels) load `fill` past count.
+// results; the uint8 index widening uses SSE2 / AVX2 intrinsics, as GCC scalarises that vector conversion).
+// Partial vectors (the last count < kCount labels) load `fill` past count.
 template <typename scalar_t>
 struct Lanes {
   static constexpr int32_t kCount = static_cast<int32_t>(32 / sizeof(scalar_t));
@@ -106,9 +107,30 @@ struct Lanes {
   }
   template <typename index_t>
   static Mask indices(const index_t* src, int32_t count) {
+#if defined(__SSE2__)
+    if constexpr (sizeof(index_t) == 1 && kCount == 8) {
+      if (count == kCount) return widen_bytes(reinterpret_cast<const uint8_t*>(src));
+    }
+#endif
     typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
     return __builtin_convertvector((load<index_t, Packed>(src, count)), Mask);
   }
+#if defined(__SSE2__)
+  // 8 uint8 labels zero-extended to int32 lanes (__builtin_convertvector of bytes compiles to a shift, extract
+  // and insert per lane).
+  static Mask widen_bytes(const uint8_t* src) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src));
+#if defined(APP_SWEEPS_AVX2)
+    return reinterpret_cast<Mask>(_mm256_cvtepu8_epi32(bytes));
+#else
+    typedef int32_t Half __attribute__((vector_size(16)));
+    const __m128i zero = _mm_setzero_si128(), words = _mm_unpacklo_epi8(bytes, zero);
+    const Half low = reinterpret_cast<Half>(_mm_unpacklo_epi16(words, zero));
+    const Half high = reinterpret_cast<Half>(_mm_unpackhi_epi16(words, zero));
+    return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7);
+#endif
+  }
+#endif
   static void store(scalar_t* dst, const Values& v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
   template <typename index_t>
   static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
@@ -332,13 +354,12 @@ struct DiagonalGradient {
 // (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
 // weight (Eq. 3.33) and V_r (Eq. 3.36). Vectorised for labels that keep their sender label (p(l) = l) and for
 // those that jump to the label m0 of the first jump (all of them for Potts); any other p(l) takes a scalar
-// scatter. label_ids: (L) the labels 0, 1, ... in index_t (p(l) = l for every l is one memcmp).
+// scatter.
 template <typename scalar_t, typename index_t>
 APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
-                      const index_t* __restrict__ p, const index_t* __restrict__ label_ids,
-                      const scalar_t* __restrict__ v_r, const scalar_t* __restrict__ v_diag, scalar_t w,
-                      scalar_t* __restrict__ gs, scalar_t* gw, scalar_t* __restrict__ gv_r,
-                      scalar_t* __restrict__ gv_diag, bool scatter) {
+                      const index_t* __restrict__ p, const scalar_t* __restrict__ v_r,
+                      const scalar_t* __restrict__ v_diag, scalar_t w, scalar_t* __restrict__ gs, scalar_t* gw,
+                      scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag, bool scatter) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
@@ -351,8 +372,15 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   auto gu = [&](int32_t l, int32_t count) {
     return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
   };
+  Mask first = Mask{} + n;  // the first label that leaves its sender label, n if none
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    const Mask labels = V::labels(l);
+    const Mask leaves = (V::template indices<index_t>(p + l, count) != labels) & (labels < n);
+    first = leaves ? (labels < first ? labels : first) : first;
+  });
+  const int32_t first_jump = static_cast<int32_t>(V::lowest(first));
   Values weight_grad{};
-  if (std::memcmp(p, label_ids, sizeof(index_t) * n) == 0) {  // every label keeps its sender label
+  if (first_jump == n) {  // every label keeps its sender label
     for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
       const Values kept = gu(l, count);
       V::store(gs + l, kept, count);
@@ -363,8 +391,6 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
     g[q_label] -= g_sum;
     return;
   }
-  int32_t first_jump = 0;
-  while (static_cast<int32_t>(p[first_jump]) == first_jump) ++first_jump;
   const int32_t m0 = static_cast<int32_t>(p[first_jump]);
   const scalar_t* __restrict__ v_row = v_r + m0 * n_labels;
   scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
@@ -407,11 +433,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
   const int32_t n = static_cast<int32_t>(L);
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
-  std::vector<index_t> label_ids(L);
-  for (int64_t l = 0; l < L; ++l) {
-    v_diag[l] = grid.v[l * L + l];
-    label_ids[l] = static_cast<index_t>(l);
-  }
+  for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
   scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r = state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
     const index_t* p = iteration.p + r * N * L;
@@ -469,7 +491,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         w = grid.weights[slot_w];
         gw = state.grad_weights + slot_w;
       }
-      message_backward(L, g_i, V::total(g_sum), q[i], p + off, label_ids.data(), v_r, v_diag.data(), w, gs, gw, gv_r,
+      message_backward(L, g_i, V::total(g_sum), q[i], p + off, v_r, v_diag.data(), w, gs, gw, gv_r,
                        gv_diag.values.data(), scatter);
       if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
         scalar_t* __restrict__ grad_unary = state.extra + off;
