@@ -315,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
       }
       std::swap(old_messages, messages);  // Alg. 1 line 12
     }
-    costs = theta + old_messages.sum(0).view_as(theta);  // Eq. 3.7
+    at::sum_out(total_rows, old_messages, at::IntArrayRef{0}).add_(theta.view({N, L}));  // Eq. 3.7
+    costs = total;
   }
   return {transposed_copy<scalar_t>(costs, B, H * W, {B, L, H, W}), p, q};
 }

@@ -271,11 +271,12 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
                                                 : nullptr;
     const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
     const SweepIndices<index_t> idx{iteration.p + r * N * L, iteration.q + r * N};
+    // u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place
     return [&, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
-            u = std::vector<scalar_t>(L), arg = std::vector<int32_t>(L)](
+            u = std::vector<scalar_t>(method == kTRWP ? L : 0), arg = std::vector<int32_t>(L)](
                int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t) mutable {
       const int64_t i = b * P + pixel, off = i * L;
-      scalar_t* __restrict__ m_i = m_r + off;
+      scalar_t* m_i = m_r + off;
       index_t* __restrict__ p_i = idx.p + off;
       if (predecessor < 0 && method != kSGM) {  // first node: no predecessor, message 0
         std::fill(m_i, m_i + L, scalar_t(0));
@@ -283,7 +284,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
         idx.q[i] = 0;
         return;
       }
-      scalar_t* __restrict__ u_i = u.data();
+      scalar_t* u_i = method == kTRWP ? u.data() : m_i;
       if (predecessor < 0) {  // SGM path start: the normalised unary (Hirschmuller's L_r = C)
         std::copy(unary + off, unary + off + L, u_i);
         std::fill(p_i, p_i + L, index_t(0));
@@ -304,26 +305,23 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
           const scalar_t* new_j = m_r + joff;
 #pragma omp simd
           for (int64_t l = 0; l < L; ++l) h_j[l] = total_j[l] - old_j[l] - opp_j[l] + new_j[l];
-        } else {  // Eq. 3.3: the predecessor's SGM message
-          std::copy(m_r + joff, m_r + joff + L, h_j);
         }
-        compute_message(grid, r, h_j, w, method == kSGM ? unary + off : nullptr, u_i, arg.data(), p_i,
-                        idx.q + i);
+        // SGM (Eq. 3.3): the sender costs are the predecessor's SGM message
+        compute_message(grid, r, method == kSGM ? m_r + joff : h_j, w, method == kSGM ? unary + off : nullptr, u_i,
+                        arg.data(), p_i, idx.q + i);
       }
       if (method == kTRWP) {
         scalar_t* __restrict__ total_i = total + off;
+        const scalar_t* __restrict__ new_i = u_i;
 #pragma omp simd
         for (int64_t l = 0; l < L; ++l) {
-          total_i[l] += u_i[l] - m_i[l];
-          m_i[l] = u_i[l];
+          total_i[l] += new_i[l] - m_i[l];
+          m_i[l] = new_i[l];
         }
-      } else {
-        if (method == kSGM) {
-          scalar_t* __restrict__ out_i = out + off;
+      } else if (method == kSGM) {
+        scalar_t* __restrict__ out_i = out + off;
 #pragma omp simd
-          for (int64_t l = 0; l < L; ++l) out_i[l] += u_i[l];
-        }
-        std::copy(u_i, u_i + L, m_i);
+        for (int64_t l = 0; l < L; ++l) out_i[l] += m_i[l];
       }
     };
   });
