@@ -43,17 +43,17 @@ def stored_mib(method: str, n_directions: int, n_labels: int) -> float:
     return messages * (n_labels + 1) * index_dtype(n_labels).itemsize / 2**20
 
 
-def time_pair(fn, unary: torch.Tensor, device: str, repeats: int) -> tuple[float, float]:
-    """(forward ms, backward ms) of ``fn(unary)``, medians over ``repeats``."""
+def time_pair(fn, unary: torch.Tensor, device: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """(forward ms, backward ms) of ``fn(unary)``, medians over ``repeats`` after ``warmup`` untimed calls."""
     with torch.no_grad():
-        forward = timed(lambda: fn(unary), device, repeats=repeats, warmup=1 if repeats > 1 else 0)
+        forward = timed(lambda: fn(unary), device, repeats=repeats, warmup=warmup)
     costs = fn(unary)
     grad = torch.ones_like(costs)
     backward = timed(
         lambda: torch.autograd.grad(costs, unary, grad, retain_graph=True),
         device,
         repeats=repeats,
-        warmup=1 if repeats > 1 else 0,
+        warmup=warmup,
     )
     return forward, backward
 
@@ -82,7 +82,9 @@ def main() -> None:
                 def compiled(x, method=method, n_directions=n_directions, pairwise=pairwise):
                     return message_passing(x, pairwise, None, method, n_directions, ITERATIONS)
 
-                forward, backward = time_pair(compiled, unary, args.device, args.repeats)
+                # three warm-up calls: on the CPU the first two or three calls of a process are up to 3x
+                # slower (among other warm-up costs, fresh buffers are faulted in until malloc reuses freed ones)
+                forward, backward = time_pair(compiled, unary, args.device, args.repeats, warmup=3)
                 entry = {"method": method, "directions": n_directions, "labels": n_labels}
                 entry.update(forward_ms=forward, backward_ms=backward)
                 if n_directions in args.reference_directions:
@@ -91,7 +93,7 @@ def main() -> None:
                         return reference(x, pairwise, None, method, n_directions, ITERATIONS)
 
                     entry["reference_forward_ms"], entry["reference_backward_ms"] = time_pair(
-                        plain, unary, args.device, 1
+                        plain, unary, args.device, 1, warmup=0
                     )
                 entry["stored_mib"] = stored_mib(method, n_directions, n_labels)
                 results.append(entry)
