@@ -20,10 +20,12 @@ TORCH_LIBRARY(app, m) {
   m.def(
       "message_passing(Tensor unary, Tensor pairwise, Tensor edge_weights, int method, int n_directions, "
       "int n_iterations, int pairwise_kind) -> (Tensor, Tensor, Tensor)");
-  // Gradients of unary, pairwise and edge_weights from the stored indices (Alg. 3-4, Eq. 3.30-3.36).
+  // Gradients of unary, pairwise (zeros unless pairwise_grad) and edge_weights (zeros unless weights_grad) from the
+  // stored indices (Alg. 3-4, Eq. 3.30-3.36); pairwise_kind as passed to the forward.
   m.def(
       "message_passing_backward(Tensor grad_costs, Tensor pairwise, Tensor edge_weights, Tensor p, Tensor q, "
-      "int method, int n_directions, int n_iterations) -> (Tensor, Tensor, Tensor)");
+      "int method, int n_directions, int n_iterations, int pairwise_kind, bool pairwise_grad, bool weights_grad) "
+      "-> (Tensor, Tensor, Tensor)");
   // Local mean-field (csrc/message_passing/meanfield.h): unary (B, L, H, W), pairwise (L, L), edge_weights
   // (B, D/2, H, W), float32/float64; pairwise_kind as for message_passing. Returns the costs (B, L, H, W) and the
   // distributions q (I, B, L, H, W) of every iteration, what the backward needs.

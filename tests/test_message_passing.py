@@ -324,6 +324,39 @@ def test_potts_gradients_with_cut_edges(method):
         torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+@pytest.mark.parametrize("kind", ("potts", "matrix"))
+@pytest.mark.parametrize("weights_grad", (True, False))
+def test_gradients_when_the_pairwise_needs_none(method, kind, weights_grad):
+    """A fixed pairwise (a float Potts weight, a matrix without grad) and edge weights with or without grad: the
+    kernels skip what is not needed (Potts: one pass per message); the unary and edge-weight gradients still
+    equal the reference's. 19 labels (full and partial label vectors), a third of the edges cut (weight 0, every
+    Potts message ties)."""
+    unary, matrix, weights = random_inputs(41, 1, 19, 6, 7, 8)
+    weights = torch.where(weights > 0.8, weights, torch.zeros_like(weights)).requires_grad_(weights_grad)
+    unary.requires_grad_()
+    pairwise = Pairwise("potts", 0.8) if kind == "potts" else matrix
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(42))
+    leaves = (unary, weights) if weights_grad else (unary,)
+
+    def run(fn):
+        return torch.autograd.grad(fn(unary, pairwise, weights, method, 8, 3), leaves, grad_output)
+
+    for got, expected in zip(run(message_passing), run(reference), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-8)
+
+
+def test_backward_op_returns_zeros_for_unneeded_gradients():
+    unary, matrix, weights = random_inputs(43, 1, 6, 4, 5, 4)
+    _, p, q = torch.ops.app.message_passing(unary, matrix, weights, 1, 4, 2, 0)
+    grad = torch.randn_like(unary)
+    full = torch.ops.app.message_passing_backward(grad, matrix, weights, p, q, 1, 4, 2, 0, True, True)
+    masked = torch.ops.app.message_passing_backward(grad, matrix, weights, p, q, 1, 4, 2, 0, False, False)
+    assert full[1].abs().sum() > 0 and full[2].abs().sum() > 0
+    torch.testing.assert_close(masked[0], full[0], rtol=0, atol=0)
+    assert not masked[1].any() and not masked[2].any()
+
+
 # ---- mean-field (app::meanfield; its random cases are in the forward and gradient tests above)
 
 

@@ -96,16 +96,26 @@ def message_passing(
 def _backward(ctx, grad_costs: Tensor, grad_p: Tensor | None, grad_q: Tensor | None):
     pairwise, edge_weights, p, q = ctx.saved_tensors
     grad_unary, grad_pairwise, grad_weights = torch.ops.app.message_passing_backward(
-        grad_costs.contiguous(), pairwise, edge_weights, p, q, ctx.method, ctx.n_directions, ctx.n_iterations
+        grad_costs.contiguous(),
+        pairwise,
+        edge_weights,
+        p,
+        q,
+        ctx.method,
+        ctx.n_directions,
+        ctx.n_iterations,
+        ctx.kind,
+        ctx.needs_input_grad[1],
+        ctx.needs_input_grad[2],
     )
     return grad_unary, grad_pairwise, grad_weights, None, None, None, None
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, pairwise, edge_weights, method, n_directions, n_iterations, _ = inputs
+    _, pairwise, edge_weights, method, n_directions, n_iterations, kind = inputs
     _, p, q = output
     ctx.save_for_backward(pairwise, edge_weights, p, q)
-    ctx.method, ctx.n_directions, ctx.n_iterations = method, n_directions, n_iterations
+    ctx.method, ctx.n_directions, ctx.n_iterations, ctx.kind = method, n_directions, n_iterations, kind
     ctx.mark_non_differentiable(p, q)
 
 
@@ -162,6 +172,9 @@ if extension_loaded():
         method: int,
         n_directions: int,
         n_iterations: int,
+        pairwise_kind: int,
+        pairwise_grad: bool,
+        weights_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         return torch.empty_like(grad_costs), torch.empty_like(pairwise), torch.empty_like(edge_weights)
 

@@ -201,8 +201,8 @@ struct BackwardState {
   scalar_t* common;   // TRWP: C, the gradient of unary and part of every message's; SGM: gradient of the sweep output
   scalar_t* extra;    // TRWP: E (D, N, L), message gradients are C + E[d]; ISGMR: G (K, N, L); SGM: unary gradient
   scalar_t* pending;  // ISGMR: P (K, N, L), the sender-cost gradients of the pair's sweeps
-  scalar_t* grad_weights;
-  scalar_t* grad_v;  // (accumulators, 2, L, L): V and V^T accumulators
+  scalar_t* grad_weights;  // nullptr: not needed
+  scalar_t* grad_v;        // (accumulators, 2, L, L): V and V^T accumulators; nullptr: not needed
 };
 
 // An uninitialised buffer like at::empty; on the CPU under Linux its memory is marked for transparent huge pages
@@ -321,20 +321,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
   return {transposed_copy<scalar_t>(costs, B, H * W, {B, L, H, W}), p, q};
 }
 
-// Reverse-mode replay of forward_kernel from the stored indices (Alg. 3-4).
+// Reverse-mode replay of forward_kernel from the stored indices (Alg. 3-4). kind is the forward's pairwise kind (the
+// CPU scatters a Potts message in one pass when V's gradient is not needed). Gradients that are not needed
+// (pairwise_grad / weights_grad false) are not computed: state.grad_v / grad_weights are nullptr, and the returned
+// tensors stay zeros.
 template <typename Sweeps, typename scalar_t, typename index_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor& grad_costs,
                                                                const at::Tensor& pairwise,
                                                                const at::Tensor& edge_weights, const at::Tensor& p,
                                                                const at::Tensor& q, Method method,
-                                                               int64_t n_directions, int64_t n_iterations) {
+                                                               int64_t n_directions, int64_t n_iterations,
+                                                               int64_t kind, bool pairwise_grad, bool weights_grad) {
   const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
   const int64_t N = B * H * W, D = n_directions, K = D / 2;
   const at::Tensor g = transposed_copy<scalar_t>(grad_costs, B, L, {B, H, W, L});
   const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                            v_t.const_data_ptr<scalar_t>(), kGeneral};
+                            v_t.const_data_ptr<scalar_t>(), kind};
   at::Tensor grad_weights = at::zeros_like(weights);
   at::Tensor grad_v = at::zeros({Sweeps::accumulators(L), 2, L, L}, g.options());
   const index_t* p_data = p.const_data_ptr<index_t>();
@@ -343,8 +347,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     Sweeps::template backward_pair<scalar_t, index_t>(
         grid, method, r_first, state, SweepIndices<const index_t>{p_data + it * D * N * L, q_data + it * D * N});
   };
-  BackwardState<scalar_t> state{nullptr, nullptr, nullptr, grad_weights.mutable_data_ptr<scalar_t>(),
-                                grad_v.mutable_data_ptr<scalar_t>()};
+  BackwardState<scalar_t> state{nullptr, nullptr, nullptr,
+                                weights_grad ? grad_weights.mutable_data_ptr<scalar_t>() : nullptr,
+                                pairwise_grad ? grad_v.mutable_data_ptr<scalar_t>() : nullptr};
   at::Tensor grad_unary;
   if (method == kTRWP) {
     // Message m^d has gradient C + E[d]; C is also theta's. Sweeps run in reverse order (Alg. 4).
@@ -444,8 +449,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_forward(const at:
 template <typename Sweeps>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_backward(
     const at::Tensor& grad_costs, const at::Tensor& pairwise, const at::Tensor& edge_weights, const at::Tensor& p,
-    const at::Tensor& q, int64_t method, int64_t n_directions, int64_t n_iterations) {
+    const at::Tensor& q, int64_t method, int64_t n_directions, int64_t n_iterations, int64_t pairwise_kind,
+    bool pairwise_grad, bool weights_grad) {
   check_inputs(grad_costs, pairwise, edge_weights, method, n_directions, n_iterations);
+  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "message_passing_backward: unknown kind");
   TORCH_CHECK(p.scalar_type() == index_type_for(grad_costs.size(1)) && p.scalar_type() == q.scalar_type(),
               "message_passing_backward: index dtype does not match the label count");
   TORCH_CHECK(p.is_contiguous() && q.is_contiguous(), "message_passing_backward: indices must be contiguous");
@@ -454,7 +461,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_backward(
     dispatch_index(p.scalar_type(), [&](auto index_tag) {
       using index_t = decltype(index_tag);
       result = backward_kernel<Sweeps, scalar_t, index_t>(grad_costs, pairwise, edge_weights, p, q,
-                                                  static_cast<Method>(method), n_directions, n_iterations);
+                                                  static_cast<Method>(method), n_directions, n_iterations,
+                                                  pairwise_kind, pairwise_grad, weights_grad);
     });
   });
   return result;

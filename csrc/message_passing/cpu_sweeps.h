@@ -350,26 +350,46 @@ struct DiagonalGradient {
 
 // Backward of one message (Alg. 3-4): gm (gradient of the normalised message, with sum_l gm(l) = g_sum) -> gu
 // (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
-// weight (Eq. 3.33) and V_r (Eq. 3.36). Vectorised for labels that keep their sender label (p(l) = l) and for
-// those that jump to the label m0 of the first jump (all of them for Potts); any other p(l) takes a scalar
-// scatter.
+// weight gw (Eq. 3.33) and V_r (Eq. 3.36; gv_r, and gv_diag for its diagonal). gw, gv_r and gv_diag are nullptr
+// where that gradient is not needed. Vectorised for labels that keep their sender label (p(l) = l) and for those
+// that jump to the label m0 of the first jump (all of them for Potts); any other p(l) takes a scalar scatter.
+// potts: V = c [a != b], so every jump goes to one label and adds c gu to gw; without V's gradient that is one
+// pass over the labels.
 template <typename scalar_t, typename index_t>
 APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
-                      const index_t* __restrict__ p, const scalar_t* __restrict__ v_r,
-                      const scalar_t* __restrict__ v_diag, scalar_t w, scalar_t* __restrict__ gs, scalar_t* gw,
-                      scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag, bool scatter) {
+                                  const index_t* __restrict__ p, const scalar_t* __restrict__ v_r,
+                                  const scalar_t* __restrict__ v_diag, scalar_t w, scalar_t* __restrict__ gs,
+                                  scalar_t* gw, scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag,
+                                  bool potts) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
   const int32_t n = static_cast<int32_t>(n_labels), q_label = static_cast<int32_t>(q);
-  if (!scatter) {
-    g[q_label] -= g_sum;
-    return;
-  }
+  const bool weight_needed = gw != nullptr, pairwise_needed = gv_r != nullptr;
   // gu on the labels [l, l + count): gm with g_sum taken off at q
   auto gu = [&](int32_t l, int32_t count) {
     return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
   };
+  if (potts && !pairwise_needed) {
+    Values to_m0{};
+    Mask target = Mask{} - 1;  // the jumps' label in the lanes that jump, -1 elsewhere
+    for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+      const Values g_l = gu(l, count);
+      const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
+      const Mask stays = m == labels, jumps = ~stays & (labels < n);
+      V::store(gs + l, V::select(stays, g_l), count);
+      to_m0 += V::select(jumps, g_l);
+      target = jumps ? m : target;
+    });
+    const int32_t m0 = static_cast<int32_t>(V::fold(target, [](const Mask& x, const Mask& y) { return x > y ? x : y; }));
+    if (m0 >= 0) {
+      const scalar_t moved = V::total(to_m0);
+      gs[m0] += moved;
+      if (weight_needed) *gw += moved * v_r[1];
+    }
+    g[q_label] -= g_sum;
+    return;
+  }
   Mask first = Mask{} + n;  // the first label that leaves its sender label, n if none
   for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
     const Mask labels = V::labels(l);
@@ -382,16 +402,16 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
     for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
       const Values kept = gu(l, count);
       V::store(gs + l, kept, count);
-      weight_grad += kept * V::values(v_diag + l, count);
-      V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+      if (weight_needed) weight_grad += kept * V::values(v_diag + l, count);
+      if (pairwise_needed) V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
     });
-    *gw += V::total(weight_grad);
+    if (weight_needed) *gw += V::total(weight_grad);
     g[q_label] -= g_sum;
     return;
   }
   const int32_t m0 = static_cast<int32_t>(p[first_jump]);
   const scalar_t* __restrict__ v_row = v_r + m0 * n_labels;
-  scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
+  scalar_t* __restrict__ gv_row = pairwise_needed ? gv_r + m0 * n_labels : nullptr;
   Values to_m0{};
   Mask others{};
   for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
@@ -401,9 +421,11 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
     const Values kept = V::select(stays, g_l), moved = V::select(jumps, g_l);
     V::store(gs + l, kept, count);
     to_m0 += moved;
-    weight_grad += kept * V::values(v_diag + l, count) + moved * V::values(v_row + l, count);
-    V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
-    V::store(gv_row + l, V::values(gv_row + l, count) + w * moved, count);
+    if (weight_needed) weight_grad += kept * V::values(v_diag + l, count) + moved * V::values(v_row + l, count);
+    if (pairwise_needed) {
+      V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+      V::store(gv_row + l, V::values(gv_row + l, count) + w * moved, count);
+    }
     others -= ~(stays | jumps) & (labels < n);
   });
   gs[m0] += V::total(to_m0);
@@ -415,10 +437,10 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
     if (m == l || m == m0) continue;
     gs[m] += g[l];
     weight_total += g[l] * v_r[m * n_labels + l];
-    gv_r[m * n_labels + l] += w * g[l];
+    if (pairwise_needed) gv_r[m * n_labels + l] += w * g[l];
     --n_other;
   }
-  *gw += weight_total;
+  if (weight_needed) *gw += weight_total;
 }
 
 // Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4).
@@ -433,7 +455,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
   for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
   scan_pair(grid, r_first, true, [&](int64_t r) {
-    scalar_t* gv_r = state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
+    scalar_t* gv_r =
+        state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
     const index_t* p = iteration.p + r * N * L;
     const index_t* q = iteration.q + r * N;
     // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
@@ -481,16 +504,15 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         });
       }
       if (predecessor < 0 && method != kSGM) return;  // constant first message
-      const bool scatter = predecessor >= 0;
-      scalar_t w = 0;
-      scalar_t* gw = nullptr;
-      if (scatter) {
+      const scalar_t g_total = V::total(g_sum);
+      if (predecessor < 0) {  // SGM path start: the normalised unary, no sender
+        g_i[q[i]] -= g_total;
+      } else {
         const int64_t slot_w = grid.weight_slot(r, b, predecessor, pixel);
-        w = grid.weights[slot_w];
-        gw = state.grad_weights + slot_w;
+        message_backward(L, g_i, g_total, q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w], gs,
+                         state.grad_weights == nullptr ? nullptr : state.grad_weights + slot_w, gv_r,
+                         gv_r == nullptr ? nullptr : gv_diag.values.data(), grid.kind == kPotts);
       }
-      message_backward(L, g_i, V::total(g_sum), q[i], p + off, v_r, v_diag.data(), w, gs, gw, gv_r,
-                       gv_diag.values.data(), scatter);
       if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
         scalar_t* __restrict__ grad_unary = state.extra + off;
 #pragma omp simd

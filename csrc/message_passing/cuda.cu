@@ -214,7 +214,8 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
   const int64_t b = blockIdx.x / n_starts;
   const int64_t start = chain_start(blockIdx.x % n_starts, grid.height, grid.width, chain.dy, chain.dx);
   const scalar_t* v_r = grid.v_r(r);
-  scalar_t* gv_r = state.grad_v + ((blockIdx.x % n_accumulators) * 2 + r % 2) * L * L;
+  scalar_t* gv_r =
+      state.grad_v == nullptr ? nullptr : state.grad_v + ((blockIdx.x % n_accumulators) * 2 + r % 2) * L * L;
   int64_t length = 0;
   const int64_t y0 = start / grid.width, x0 = start % grid.width;
   while (true) {
@@ -264,10 +265,10 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
       const int64_t m = static_cast<int64_t>(p[off + l]);
       atomicAdd(gs + m, g[l]);
       weight_grad += g[l] * v_r[m * L + l];
-      atomicAdd(gv_r + m * L + l, w * g[l]);
+      if (gv_r != nullptr) atomicAdd(gv_r + m * L + l, w * g[l]);
     }
     weight_grad = block_sum(weight_grad, red_v);  // also publishes gs
-    if (threadIdx.x == 0) state.grad_weights[slot] += weight_grad;
+    if (threadIdx.x == 0 && state.grad_weights != nullptr) state.grad_weights[slot] += weight_grad;
   }
 }
 
@@ -355,10 +356,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& un
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_costs, const at::Tensor& pairwise,
                                                              const at::Tensor& edge_weights, const at::Tensor& p,
                                                              const at::Tensor& q, int64_t method, int64_t n_directions,
-                                                             int64_t n_iterations) {
+                                                             int64_t n_iterations, int64_t pairwise_kind,
+                                                             bool pairwise_grad, bool weights_grad) {
   const c10::cuda::CUDAGuard guard(grad_costs.device());
   return message_passing_backward<CudaSweeps>(grad_costs, pairwise, edge_weights, p, q, method, n_directions,
-                                              n_iterations);
+                                              n_iterations, pairwise_kind, pairwise_grad, weights_grad);
 }
 
 }  // namespace
