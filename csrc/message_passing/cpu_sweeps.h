@@ -351,16 +351,17 @@ struct DiagonalGradient {
 // Backward of one message (Alg. 3-4): gm (gradient of the normalised message, with sum_l gm(l) = g_sum) -> gu
 // (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
 // weight gw (Eq. 3.33) and V_r (Eq. 3.36; gv_r, and gv_diag for its diagonal). gw, gv_r and gv_diag are nullptr
-// where that gradient is not needed. Vectorised for labels that keep their sender label (p(l) = l) and for those
-// that jump to the label m0 of the first jump (all of them for Potts); any other p(l) takes a scalar scatter.
-// potts: V = c [a != b], so every jump goes to one label and adds c gu to gw; without V's gradient that is one
-// pass over the labels.
+// where that gradient is not needed. Other pairwise: vectorised for labels that keep their sender label
+// (p(l) = l) and for those that jump to the label m0 of the first jump, a scalar scatter for any other p(l).
+// potts: V = c [a != b], so every jump goes to one label m0 and adds c gu to gw: one pass over the labels, which
+// finds m0 as the lanes' maximum of the jumping labels' indices and leaves V's row m0 to a short second pass over
+// `moved` (L scratch values).
 template <typename scalar_t, typename index_t>
 APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
                                   const index_t* __restrict__ p, const scalar_t* __restrict__ v_r,
                                   const scalar_t* __restrict__ v_diag, scalar_t w, scalar_t* __restrict__ gs,
                                   scalar_t* gw, scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag,
-                                  bool potts) {
+                                  bool potts, scalar_t* __restrict__ moved) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
@@ -370,22 +371,33 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   auto gu = [&](int32_t l, int32_t count) {
     return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
   };
-  if (potts && !pairwise_needed) {
+  if (potts) {
     Values to_m0{};
     Mask target = Mask{} - 1;  // the jumps' label in the lanes that jump, -1 elsewhere
     for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
       const Values g_l = gu(l, count);
       const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
       const Mask stays = m == labels, jumps = ~stays & (labels < n);
-      V::store(gs + l, V::select(stays, g_l), count);
-      to_m0 += V::select(jumps, g_l);
+      const Values kept = V::select(stays, g_l), jumped = V::select(jumps, g_l);
+      V::store(gs + l, kept, count);
+      to_m0 += jumped;
       target = jumps ? m : target;
+      if (pairwise_needed) {
+        V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+        V::store(moved + l, w * jumped, count);
+      }
     });
     const int32_t m0 = static_cast<int32_t>(V::fold(target, [](const Mask& x, const Mask& y) { return x > y ? x : y; }));
     if (m0 >= 0) {
-      const scalar_t moved = V::total(to_m0);
-      gs[m0] += moved;
-      if (weight_needed) *gw += moved * v_r[1];
+      const scalar_t total = V::total(to_m0);
+      gs[m0] += total;
+      if (weight_needed) *gw += total * v_r[1];
+      if (pairwise_needed) {
+        scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
+        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          V::store(gv_row + l, V::values(gv_row + l, count) + V::values(moved + l, count), count);
+        });
+      }
     }
     g[q_label] -= g_sum;
     return;
@@ -460,7 +472,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
     const index_t* p = iteration.p + r * N * L;
     const index_t* q = iteration.q + r * N;
     // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
-    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L), moved = std::vector<scalar_t>(L),
             carry = std::vector<scalar_t>(2 * kBlockPixels * L), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
       const int64_t i = b * P + pixel, off = i * L;
@@ -511,7 +523,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         const int64_t slot_w = grid.weight_slot(r, b, predecessor, pixel);
         message_backward(L, g_i, g_total, q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w], gs,
                          state.grad_weights == nullptr ? nullptr : state.grad_weights + slot_w, gv_r,
-                         gv_r == nullptr ? nullptr : gv_diag.values.data(), grid.kind == kPotts);
+                         gv_r == nullptr ? nullptr : gv_diag.values.data(), grid.kind == kPotts, moved.data());
       }
       if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
         scalar_t* __restrict__ grad_unary = state.extra + off;
