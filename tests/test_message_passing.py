@@ -295,6 +295,23 @@ def test_cuda_matches_cpu(method, n_directions):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+def test_cuda_unary_gradient_without_parameter_gradients(method):
+    """Neither the pairwise nor the edge weights need a gradient: the CUDA backward skips their accumulators."""
+    unary, _, weights = random_inputs(12, 1, 9, 7, 8, 8)
+    unary.requires_grad_()
+    grad_output = torch.randn_like(unary)
+    pairwise = Pairwise("potts", 0.8)
+    (expected,) = torch.autograd.grad(
+        message_passing(unary, pairwise, weights, method, 8, 3), unary, grad_output
+    )
+    on_gpu = unary.detach().cuda().requires_grad_()
+    costs = message_passing(on_gpu, pairwise, weights.cuda(), method, 8, 3)
+    (got,) = torch.autograd.grad(costs, on_gpu, grad_output.cuda())
+    torch.testing.assert_close(got.cpu(), expected)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ("potts", "truncated_linear"))
 def test_cuda_fast_paths_match_reference(kind):
     unary, matrix, weights = random_inputs(10, 1, 40, 8, 12, 4, device="cuda")
