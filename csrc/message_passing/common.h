@@ -411,7 +411,7 @@ inline at::ScalarType index_type_for(int64_t n_labels) {
 }
 
 inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, const at::Tensor& edge_weights,
-                  int64_t method, int64_t n_directions, int64_t n_iterations) {
+                  int64_t method, int64_t n_directions, int64_t n_iterations, int64_t pairwise_kind) {
   TORCH_CHECK(unary.dim() == 4 && unary.size(1) >= 2, "message_passing: unary must be (B, L, H, W), L >= 2");
   TORCH_CHECK(pairwise.dim() == 2 && pairwise.size(0) == unary.size(1) && pairwise.size(1) == unary.size(1),
               "message_passing: pairwise must be (L, L)");
@@ -425,6 +425,7 @@ inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
               "message_passing: unary, pairwise and edge_weights must share a dtype");
   TORCH_CHECK(method >= kISGMR && method <= kSGM, "message_passing: unknown method ", method);
   TORCH_CHECK(n_iterations >= 1, "message_passing: n_iterations must be >= 1");
+  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "message_passing: unknown kind");
 }
 
 template <typename Sweeps>
@@ -433,8 +434,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_forward(const at:
                                                                    const at::Tensor& edge_weights, int64_t method,
                                                                    int64_t n_directions, int64_t n_iterations,
                                                                    int64_t pairwise_kind) {
-  check_inputs(unary, pairwise, edge_weights, method, n_directions, n_iterations);
-  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "message_passing: unknown kind");
+  check_inputs(unary, pairwise, edge_weights, method, n_directions, n_iterations, pairwise_kind);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "message_passing", [&] {
     dispatch_index(index_type_for(unary.size(1)), [&](auto index_tag) {
@@ -451,8 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_backward(
     const at::Tensor& grad_costs, const at::Tensor& pairwise, const at::Tensor& edge_weights, const at::Tensor& p,
     const at::Tensor& q, int64_t method, int64_t n_directions, int64_t n_iterations, int64_t pairwise_kind,
     bool pairwise_grad, bool weights_grad) {
-  check_inputs(grad_costs, pairwise, edge_weights, method, n_directions, n_iterations);
-  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "message_passing_backward: unknown kind");
+  check_inputs(grad_costs, pairwise, edge_weights, method, n_directions, n_iterations, pairwise_kind);
   TORCH_CHECK(p.scalar_type() == index_type_for(grad_costs.size(1)) && p.scalar_type() == q.scalar_type(),
               "message_passing_backward: index dtype does not match the label count");
   TORCH_CHECK(p.is_contiguous() && q.is_contiguous(), "message_passing_backward: indices must be contiguous");

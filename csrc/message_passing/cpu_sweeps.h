@@ -350,18 +350,18 @@ struct DiagonalGradient {
 
 // Backward of one message (Alg. 3-4): gm (gradient of the normalised message, with sum_l gm(l) = g_sum) -> gu
 // (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
-// weight gw (Eq. 3.33) and V_r (Eq. 3.36; gv_r, and gv_diag for its diagonal). gw, gv_r and gv_diag are nullptr
-// where that gradient is not needed. Other pairwise: vectorised for labels that keep their sender label
-// (p(l) = l) and for those that jump to the label m0 of the first jump, a scalar scatter for any other p(l).
+// weight gw (Eq. 3.33) and V_r (Eq. 3.36; gv_r, and gv_diag for its diagonal). gw and gv_r are nullptr where that
+// gradient is not needed (gv_diag is then left alone). Other pairwise: vectorised for labels that keep their sender
+// label (p(l) = l) and for those that jump to the label m0 of the first jump, a scalar scatter for any other p(l).
 // potts: V = c [a != b], so every jump goes to one label m0 and adds c gu to gw: one pass over the labels, which
 // finds m0 as the lanes' maximum of the jumping labels' indices and leaves V's row m0 to a short second pass over
-// `moved` (L scratch values).
+// `row_scratch` (L values).
 template <typename scalar_t, typename index_t>
 APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
                                   const index_t* __restrict__ p, const scalar_t* __restrict__ v_r,
                                   const scalar_t* __restrict__ v_diag, scalar_t w, scalar_t* __restrict__ gs,
                                   scalar_t* gw, scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag,
-                                  bool potts, scalar_t* __restrict__ moved) {
+                                  bool potts, scalar_t* __restrict__ row_scratch) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
@@ -384,7 +384,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
       target = jumps ? m : target;
       if (pairwise_needed) {
         V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
-        V::store(moved + l, w * jumped, count);
+        V::store(row_scratch + l, w * jumped, count);
       }
     });
     const int32_t m0 = static_cast<int32_t>(V::fold(target, [](const Mask& x, const Mask& y) { return x > y ? x : y; }));
@@ -395,7 +395,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
       if (pairwise_needed) {
         scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
         for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-          V::store(gv_row + l, V::values(gv_row + l, count) + V::values(moved + l, count), count);
+          V::store(gv_row + l, V::values(gv_row + l, count) + V::values(row_scratch + l, count), count);
         });
       }
     }
@@ -472,8 +472,9 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
     const index_t* p = iteration.p + r * N * L;
     const index_t* q = iteration.q + r * N;
     // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
-    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L), moved = std::vector<scalar_t>(L),
-            carry = std::vector<scalar_t>(2 * kBlockPixels * L), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
+    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+            row_scratch = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kBlockPixels * L),
+            gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* __restrict__ gs = carry.data() + slot * L;
@@ -523,7 +524,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         const int64_t slot_w = grid.weight_slot(r, b, predecessor, pixel);
         message_backward(L, g_i, g_total, q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w], gs,
                          state.grad_weights == nullptr ? nullptr : state.grad_weights + slot_w, gv_r,
-                         gv_r == nullptr ? nullptr : gv_diag.values.data(), grid.kind == kPotts, moved.data());
+                         gv_diag.values.data(), grid.kind == kPotts, row_scratch.data());
       }
       if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
         scalar_t* __restrict__ grad_unary = state.extra + off;
