@@ -2,14 +2,17 @@
 32 and 96 labels, 256x512, 5 iterations, forward and backward, the compiled op against the plain-PyTorch
 reference.
 
-    python benchmarks/message_passing_speed.py [--device cpu|cuda] [--pairwise potts|truncated_linear|matrix]
+    python benchmarks/message_passing_speed.py [--device cpu|cuda]
+        [--pairwise potts|truncated_linear|truncated_quadratic|matrix]
         [--labels 32 96] [--directions 4 8 16] [--methods trwp isgmr meanfield] [--reference-directions 4]
         [--repeats 3]
 
-The reference is slow (a Python loop over image rows), so it is timed once and only at
-``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices (Sec. 3.7.4), one
-uint8 per label and message plus one per message; for MF the distributions of every iteration, one float32 per
-label, pixel and iteration. Prints a markdown table and writes
+The forms take the kernels' O(L) paths (truncated quadratic: on the CPU; CUDA runs it as a matrix); ``matrix``
+is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation 16) given as an (L, L) matrix,
+which takes the O(L^2) min-convolution. The reference is slow (a Python loop over image rows), so it is timed
+once and only at ``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices
+(Sec. 3.7.4), one uint8 per label and message plus one per message; for MF the distributions of every
+iteration, one float32 per label, pixel and iteration. Prints a markdown table and writes
 benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
 """
 
@@ -32,7 +35,8 @@ def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairw
         return Pairwise("potts", 1.0)
     if kind == "truncated_linear":
         return Pairwise("truncated_linear", 1.0, 4.0)
-    return Pairwise("truncated_quadratic", 1.0, 16.0).matrix(n_labels, device=device)
+    quadratic = Pairwise("truncated_quadratic", 1.0, 16.0)
+    return quadratic if kind == "truncated_quadratic" else quadratic.matrix(n_labels, device=device)
 
 
 def stored_mib(method: str, n_directions: int, n_labels: int) -> float:
@@ -63,7 +67,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--pairwise", default="potts", choices=("potts", "truncated_linear", "matrix"))
+    parser.add_argument(
+        "--pairwise",
+        default="potts",
+        choices=("potts", "truncated_linear", "truncated_quadratic", "matrix"),
+    )
     parser.add_argument("--labels", type=int, nargs="+", default=[32, 96])
     parser.add_argument("--directions", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--methods", nargs="+", default=["trwp", "isgmr", "meanfield"])

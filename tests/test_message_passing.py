@@ -1,7 +1,7 @@
 """The compiled message passing (app.ops.message_passing) against the plain-PyTorch reference.
 
 Forward: equal costs on random sizes, labels, directions, iterations and pairwise forms (general matrix,
-Potts and truncated-linear O(L) paths, truncated quadratic). Backward: gradients from the stored indices
+Potts, truncated-linear and truncated-quadratic O(L) paths). Backward: gradients from the stored indices
 (Alg. 3-4) equal autograd through the reference in float64 on random, tie-free inputs, for the unary, the
 pairwise matrix or form parameters (Eq. 3.36) and the edge weights (Eq. 3.33). Mean-field (its own op,
 app::meanfield, differentiated from the stored distributions) is checked the same way.
@@ -153,7 +153,7 @@ def test_scanline_blocks_match_reference(method, height, width):
 
 
 @pytest.mark.parametrize("method", COMPILED_METHODS)
-@pytest.mark.parametrize("kind", ("matrix", "potts", "truncated_linear"))
+@pytest.mark.parametrize("kind", ("matrix", "potts", "truncated_linear", "truncated_quadratic"))
 def test_full_and_partial_label_vectors_match_reference(method, kind):
     """19 labels: the CPU kernels work on vectors of 8 float32 / 4 float64 labels, so every message has full
     vectors and a partial last one. float64 forward and gradients equal the reference; float32 agrees to its
@@ -319,6 +319,61 @@ def test_cuda_fast_paths_match_reference(kind):
     got = message_passing(unary, pairwise, weights, "trwp", 4, 3)
     expected = reference(unary.cpu(), make_pairwise(kind, matrix.cpu()), weights.cpu(), "trwp", 4, 3)
     torch.testing.assert_close(got.cpu(), expected)
+
+
+def _quadratic_cases():
+    """(seed, labels, term weight, truncation, integer costs). The CPU takes the truncated quadratic's band
+    (vectorised; V is the cap beyond a reach of at most 64 labels) or, wider, the lower envelope of parabolas:
+    truncations below one label, at a square (the cap ties the parabola there), between squares, and 2000 (reach
+    44: the band) or none (reach L - 1: the band up to 65 labels, the envelope at 80); a zero weight (every label
+    costs min h); integer costs, where labels tie exactly."""
+    truncations = (0.5, 9.0, 10.5, 2000.0, None)
+    return [
+        (seed, n_labels, weight, truncation, seed % 2 == 0)
+        for seed, (n_labels, weight) in enumerate(((33, 0.3), (80, 1.0), (12, 2.5), (40, 0.0), (80, 0.02)))
+        for truncation in truncations
+    ]
+
+
+@pytest.mark.parametrize("case", _quadratic_cases(), ids=str)
+def test_truncated_quadratic_path_equals_the_dense_path(case):
+    """The O(L) truncated-quadratic messages equal the O(L^2) min-convolution over the same matrix: costs and
+    stored argmins p, q bitwise, ties included, for every method, in float64."""
+    seed, n_labels, weight, truncation, integer_costs = case
+    unary, _, weights = random_inputs(seed, 2, n_labels, 5, 6, 8)
+    if integer_costs:
+        unary = (unary * 3).round()
+    matrix = Pairwise("truncated_quadratic", weight, truncation).matrix(n_labels, dtype=F64)
+    general, quadratic = 0, 3  # csrc/message_passing/common.h PairwiseKind
+    for method_id in range(3):
+        dense = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, general)
+        fast = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, quadratic)
+        for got, expected in zip(fast, dense, strict=True):
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", COMPILED_METHODS)
+@pytest.mark.parametrize(("n_labels", "truncation"), ((40, 16.0), (70, None)))
+def test_truncated_quadratic_gradients_match_reference(method, n_labels, truncation):
+    """Truncation 16 at 40 labels (the band; a square, so the cap ties the parabola at distance 4) and none at
+    70 (the envelope): unary, term weight, truncation and edge-weight gradients through the O(L) paths equal
+    autograd through the reference."""
+    unary, _, weights = random_inputs(31, 1, n_labels, 5, 6, 4)
+    unary = (unary * 10).requires_grad_()
+    weights.requires_grad_()
+    options = {"dtype": F64, "requires_grad": True}
+    pairwise = Pairwise(
+        "truncated_quadratic",
+        torch.tensor(0.4, **options),
+        None if truncation is None else torch.tensor(truncation, **options),
+    )
+    grad_output = torch.randn(unary.shape, dtype=F64, generator=torch.Generator().manual_seed(32))
+    got, expected = (
+        _gradients(lambda u, p, w, fn=fn: fn(u, p, w, method, 4, 3), unary, pairwise, weights, grad_output)
+        for fn in (message_passing, reference)
+    )
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("method", COMPILED_METHODS)

@@ -2,8 +2,11 @@
 
 Same signature, checks and conventions as :func:`app.ops.reference.message_passing`; the forward stores the
 argmin indices of every message (uint8 up to 256 labels, wider above) and the backward replays them in
-reverse (Sec. 3.5.3, 3.7.4). Potts and truncated-linear :class:`~app.ops.reference.mrf.Pairwise` forms with a
-non-negative term weight take an O(L) forward path (min-convolution / distance transform). Mean-field runs its
+reverse (Sec. 3.5.3, 3.7.4). Potts, truncated-linear and (on the CPU) truncated-quadratic
+:class:`~app.ops.reference.mrf.Pairwise` forms with a non-negative term weight take an O(L) forward path
+(min-convolution / distance transform; the truncated quadratic: a vectorised pass over the labels within the
+truncation, O(L) per label of that reach, when it is at most 64, else the lower envelope of parabolas), with the
+dense path's values and argmins, ties included. A matrix always takes the O(L^2) min-convolution. Mean-field runs its
 own compiled op (``app::meanfield``, csrc/message_passing/meanfield.h), which stores the distributions of
 every iteration for the backward (O(L) products for Potts and truncated linear, GEMMs for other pairwise).
 """
@@ -18,7 +21,9 @@ from app.ops.reference.message_passing import METHODS, _check_n_iterations
 from app.ops.reference.mrf import Pairwise, prepare_mrf_inputs
 
 _METHOD_IDS = {"isgmr": 0, "trwp": 1, "sgm": 2}
-_GENERAL, _POTTS, _TRUNCATED_LINEAR = 0, 1, 2
+# pairwise kinds of the kernels (csrc/message_passing/common.h PairwiseKind): 0 is the general O(L^2) matrix
+_GENERAL = 0
+_KIND_IDS = {"potts": 1, "truncated_linear": 2, "truncated_quadratic": 3}
 
 
 def _pairwise_kind(pairwise: Tensor | Pairwise) -> int:
@@ -28,7 +33,7 @@ def _pairwise_kind(pairwise: Tensor | Pairwise) -> int:
     weight = pairwise.term_weight
     if float(weight.detach() if isinstance(weight, Tensor) else weight) < 0:
         return _GENERAL
-    return {"potts": _POTTS, "truncated_linear": _TRUNCATED_LINEAR}.get(pairwise.kind, _GENERAL)
+    return _KIND_IDS[pairwise.kind]
 
 
 def index_dtype(n_labels: int) -> torch.dtype:

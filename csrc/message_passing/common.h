@@ -10,13 +10,21 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+
+#if defined(__SSE2__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#define APP_TRANSPOSE_SSE 1
 #endif
 
 #ifdef __CUDACC__
@@ -31,9 +39,10 @@ namespace message_passing {
 // Methods, as passed by app/ops/message_passing.py.
 enum Method : int64_t { kISGMR = 0, kTRWP = 1, kSGM = 2 };
 
-// Pairwise structure the forward may exploit: kGeneral is O(L^2) per message; kPotts (V = c [a != b], c >= 0)
-// and kTruncatedLinear (V = c min(|a - b|, T), c >= 0) are O(L). Parameters are read from the matrix.
-enum PairwiseKind : int64_t { kGeneral = 0, kPotts = 1, kTruncatedLinear = 2 };
+// Pairwise structure the forward may exploit: kGeneral is O(L^2) per message; kPotts (V = c [a != b], c >= 0),
+// kTruncatedLinear (V = c min(|a - b|, T), c >= 0) and kTruncatedQuadratic (V = c min((a - b)^2, T), c >= 0) are
+// O(L). Parameters are read from the matrix. A kernel without a path for a kind treats it as kGeneral.
+enum PairwiseKind : int64_t { kGeneral = 0, kPotts = 1, kTruncatedLinear = 2, kTruncatedQuadratic = 3 };
 
 constexpr int kOffsets[8][2] = {{0, 1}, {1, 0}, {1, 1}, {1, -1}, {1, 2}, {2, 1}, {2, -1}, {1, -2}};
 
@@ -90,11 +99,83 @@ APP_HOST_DEVICE inline int64_t chain_start(int64_t k, int64_t height, int64_t wi
   return y * width + x;
 }
 
-// u(lambda) = min_mu h(mu) + w V_r(mu, lambda) and its first-index argmin p(lambda) (Alg. 1-2 lines 7-8).
-// h, u: (L); v_r: (L, L) row-major (mu, lambda); arg: (L) scratch of int32 labels.
+// Scratch of min_convolve for L labels: the argmins, and the truncated quadratic's lower envelope (the lifted
+// costs of the labels, the parabolas of the envelope's pieces and where each piece starts).
+struct ConvolveScratch {
+  std::vector<int32_t> arg, sites;
+  std::vector<double> lifted, start_numerator, start_denominator;
+  explicit ConvolveScratch(int64_t n_labels)
+      : arg(n_labels), sites(n_labels), lifted(n_labels), start_numerator(n_labels), start_denominator(n_labels) {}
+};
+
+// Truncated quadratic in O(L): u(lambda) = min(min_mu h(mu) + a (lambda - mu)^2, min h + w V_r(0, L-1)),
+// a = w V_r(0, 1), by the lower envelope of the parabolas (Felzenszwalb and Huttenlocher's distance transform, in
+// double; parabola m gets below parabola k < m from lambda = (f(m) - f(k)) / (2 a (m - k)) on, f(m) = h(m) + a m^2,
+// kept as a fraction and compared by cross-multiplication, so no division). The argmin at lambda is then chosen
+// among a few candidates valued from the matrix, so that values and argmins are the dense path's, ties included.
+// best: the first argmin of h.
+template <typename scalar_t>
+void truncated_quadratic_convolve(const scalar_t* h, int64_t n_labels, scalar_t w, const scalar_t* v_r, int32_t best,
+                                  scalar_t* u, ConvolveScratch& scratch) {
+  int32_t* arg = scratch.arg.data();
+  const double a = static_cast<double>(w) * static_cast<double>(v_r[1]);
+  if (a > 0) {
+    int32_t* sites = scratch.sites.data();
+    double *f = scratch.lifted.data(), *numerator = scratch.start_numerator.data();
+    double* denominator = scratch.start_denominator.data();
+    for (int64_t m = 0; m < n_labels; ++m) f[m] = static_cast<double>(h[m]) + a * static_cast<double>(m * m);
+    int64_t k = 0;  // the envelope's last piece; piece j > 0 starts at numerator[j] / denominator[j]
+    sites[0] = 0;
+    for (int64_t m = 1; m < n_labels; ++m) {
+      double num, den;  // where parabola m gets below the last piece's
+      while (true) {
+        num = f[m] - f[sites[k]];
+        den = 2 * a * static_cast<double>(m - sites[k]);
+        if (k == 0 || num * denominator[k] > numerator[k] * den) break;
+        --k;  // the last piece starts no earlier than parabola m takes over: it is empty
+      }
+      sites[++k] = static_cast<int32_t>(m);
+      numerator[k] = num;
+      denominator[k] = den;
+    }
+    // The cap min h + w V(0, L-1) as the dense path rounds it is reached first at cap_label <= best (labels whose
+    // costs differ from min h by less than the rounding of the sum tie with best).
+    const scalar_t cap = h[best] + w * v_r[n_labels - 1];
+    int32_t cap_label = 0;
+    while (cap_label < best && h[cap_label] + w * v_r[n_labels - 1] != cap) ++cap_label;
+    // At lambda: the envelope's piece j and its neighbours (they tie with it where pieces meet), cap_label and best,
+    // valued from the matrix as the dense path values them; the lowest value wins, then the lowest label.
+    for (int64_t l = 0, j = 0; l < n_labels; ++l) {
+      while (j < k && numerator[j + 1] < static_cast<double>(l) * denominator[j + 1]) ++j;
+      const int32_t candidates[5] = {j > 0 ? sites[j - 1] : sites[j], sites[j], j < k ? sites[j + 1] : sites[j],
+                                     cap_label, best};
+      scalar_t low = h[candidates[0]] + w * v_r[candidates[0] * n_labels + l];
+      int32_t low_label = candidates[0];
+      for (int c = 1; c < 5; ++c) {
+        const int32_t m = candidates[c];
+        const scalar_t value = h[m] + w * v_r[m * n_labels + l];
+        if (value < low || (value == low && m < low_label)) {
+          low = value;
+          low_label = m;
+        }
+      }
+      u[l] = low;
+      arg[l] = low_label;
+    }
+    return;
+  }
+  for (int64_t l = 0; l < n_labels; ++l) {  // w V = 0: every label costs min h, first reached at best
+    u[l] = h[best] + w * v_r[best * n_labels + l];
+    arg[l] = best;
+  }
+}
+
+// u(lambda) = min_mu h(mu) + w V_r(mu, lambda) and its first-index argmin p(lambda) = scratch.arg (Alg. 1-2 lines
+// 7-8). h, u: (L); v_r: (L, L) row-major (mu, lambda).
 template <typename scalar_t>
 inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scalar_t w, const scalar_t* v_r,
-                         scalar_t* u, int32_t* arg) {
+                         scalar_t* u, ConvolveScratch& scratch) {
+  int32_t* arg = scratch.arg.data();
   if (kind == kGeneral) {
     for (int64_t l = 0; l < n_labels; ++l) {
       u[l] = h[0] + w * v_r[l];
@@ -114,6 +195,10 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
   }
   int32_t best = 0;
   for (int64_t m = 1; m < n_labels; ++m) best = h[m] < h[best] ? static_cast<int32_t>(m) : best;
+  if (kind == kTruncatedQuadratic) {
+    truncated_quadratic_convolve(h, n_labels, w, v_r, best, u, scratch);
+    return;
+  }
   if (kind == kPotts) {
     // min(h(lambda), min_mu h(mu) + w c), ties to the lower label as the dense argmin does.
     const scalar_t jump = h[best] + w * v_r[1];
@@ -223,9 +308,37 @@ inline at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& o
 // A copy of x in a fresh empty_buffer, contiguous in x's dimension order.
 inline at::Tensor buffer_copy(const at::Tensor& x) { return empty_buffer(x.sizes(), x.options()).copy_(x); }
 
+// out (S, C) = in (C, S)^T on the tile [s0, s1) x [c0, c1): float through 4 x 4 SSE transposes where a whole
+// block fits, element by element elsewhere.
+template <typename scalar_t>
+inline void transpose_tile(const scalar_t* in, scalar_t* out, int64_t channels, int64_t spatial, int64_t s0,
+                           int64_t s1, int64_t c0, int64_t c1) {
+  int64_t s_vector = s0, c_vector = c0;
+#if defined(APP_TRANSPOSE_SSE)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    s_vector = s0 + (s1 - s0) / 4 * 4;
+    c_vector = c0 + (c1 - c0) / 4 * 4;
+    for (int64_t s = s0; s < s_vector; s += 4) {
+      for (int64_t c = c0; c < c_vector; c += 4) {
+        __m128 r0 = _mm_loadu_ps(in + c * spatial + s), r1 = _mm_loadu_ps(in + (c + 1) * spatial + s);
+        __m128 r2 = _mm_loadu_ps(in + (c + 2) * spatial + s), r3 = _mm_loadu_ps(in + (c + 3) * spatial + s);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(out + s * channels + c, r0);
+        _mm_storeu_ps(out + (s + 1) * channels + c, r1);
+        _mm_storeu_ps(out + (s + 2) * channels + c, r2);
+        _mm_storeu_ps(out + (s + 3) * channels + c, r3);
+      }
+    }
+  }
+#endif
+  for (int64_t s = s0; s < s1; ++s) {  // what the blocks left: the columns past c_vector, then the rows past s_vector
+    for (int64_t c = s < s_vector ? c_vector : c0; c < c1; ++c) out[s * channels + c] = in[c * spatial + s];
+  }
+}
+
 // The (B, S, C) transpose of src (B, C, S), S = src.numel() / (B C), in a fresh empty_buffer of shape `sizes`.
 // On the CPU a tiled transpose (ATen's strided copy of a permuted view took 15-30 ms at 32 x 256 x 512,
-// a tenth of a sweep set); elsewhere the permuted copy.
+// a tenth of a sweep set; the scalar tiles 4-9 ms, the SSE blocks 3 ms); elsewhere the permuted copy.
 template <typename scalar_t>
 at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channels, at::IntArrayRef sizes) {
   const at::Tensor source = src.contiguous();
@@ -237,18 +350,14 @@ at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channel
   }
   const scalar_t* from = source.const_data_ptr<scalar_t>();
   scalar_t* to = dst.mutable_data_ptr<scalar_t>();
-  constexpr int64_t kTile = 32;  // a kTile x kTile tile of S x C stays in L1
+  constexpr int64_t kTile = 64;  // a tile is 16 KiB of floats each way: it stays in cache
   const int64_t s_tiles = (spatial + kTile - 1) / kTile, c_tiles = (channels + kTile - 1) / kTile;
   at::parallel_for(0, batch * s_tiles * c_tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s_tiles * c_tiles), s_tile = task / c_tiles % s_tiles, c_tile = task % c_tiles;
-      const int64_t s0 = s_tile * kTile, s1 = std::min(spatial, s0 + kTile);
-      const int64_t c0 = c_tile * kTile, c1 = std::min(channels, c0 + kTile);
-      const scalar_t* in = from + b * channels * spatial;
-      scalar_t* out = to + b * channels * spatial;
-      for (int64_t s = s0; s < s1; ++s) {
-        for (int64_t c = c0; c < c1; ++c) out[s * channels + c] = in[c * spatial + s];
-      }
+      const int64_t s0 = s_tile * kTile, c0 = c_tile * kTile;
+      transpose_tile(from + b * channels * spatial, to + b * channels * spatial, channels, spatial, s0,
+                     std::min(spatial, s0 + kTile), c0, std::min(channels, c0 + kTile));
     }
   });
   return dst;
@@ -293,7 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
     }
     costs = current;
   } else if (method == kTRWP) {
-    at::Tensor messages = empty_buffer({D, N, L}, theta.options()).zero_(), total = buffer_copy(theta);
+    // total starts as theta (Eq. 3.7 with zero messages); theta is not needed after
+    at::Tensor messages = empty_buffer({D, N, L}, theta.options()).zero_(), total = theta;
     for (int64_t it = 0; it < n_iterations; ++it) {
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
@@ -425,7 +535,7 @@ inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
               "message_passing: unary, pairwise and edge_weights must share a dtype");
   TORCH_CHECK(method >= kISGMR && method <= kSGM, "message_passing: unknown method ", method);
   TORCH_CHECK(n_iterations >= 1, "message_passing: n_iterations must be >= 1");
-  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "message_passing: unknown kind");
+  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedQuadratic, "message_passing: unknown kind");
 }
 
 template <typename Sweeps>

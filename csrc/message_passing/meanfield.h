@@ -34,6 +34,12 @@ using message_passing::kGeneral;
 using message_passing::kOffsets;
 using message_passing::kPotts;
 using message_passing::kTruncatedLinear;
+using message_passing::kTruncatedQuadratic;
+
+// The kind mean-field's kernels take for pairwise_kind: its O(L) distance products cover Potts and truncated linear.
+inline int64_t supported_kind(int64_t pairwise_kind) {
+  return pairwise_kind == kTruncatedQuadratic ? kGeneral : pairwise_kind;
+}
 
 // out_i = sign * (base_i + sum_k [w_k(i) forward_{i+o_k} + w_k(i-o_k) backward_{i-o_k}]), all (B, L, H, W);
 // forward, backward and base may be null (that term left out). weights: (B, K, H, W). Kernels::softmin(gather, q,
@@ -220,7 +226,7 @@ inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
               "meanfield: unary, pairwise and edge_weights must share a dtype");
   TORCH_CHECK(pairwise.device() == unary.device() && edge_weights.device() == unary.device(),
               "meanfield: unary, pairwise and edge_weights must be on one device");
-  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedLinear, "meanfield: unknown pairwise kind ",
+  TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedQuadratic, "meanfield: unknown pairwise kind ",
               pairwise_kind);
 }
 
@@ -232,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor> meanfield_forward(const at::Tensor& unary, co
   TORCH_CHECK(n_iterations >= 1, "meanfield: n_iterations must be >= 1");
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(unary.scalar_type(), "meanfield", [&] {
-    result = forward_kernel<Kernels, scalar_t>(unary, pairwise, edge_weights, n_iterations, pairwise_kind);
+    result = forward_kernel<Kernels, scalar_t>(unary, pairwise, edge_weights, n_iterations,
+                                               supported_kind(pairwise_kind));
   });
   return result;
 }
@@ -250,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> meanfield_backward(const at::Tens
               "meanfield_backward: q must match grad_costs in dtype and device");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(grad_costs.scalar_type(), "meanfield_backward", [&] {
-    result = backward_kernel<Kernels, scalar_t>(grad_costs, pairwise, edge_weights, q.contiguous(), pairwise_kind,
-                                                pairwise_grad);
+    result = backward_kernel<Kernels, scalar_t>(grad_costs, pairwise, edge_weights, q.contiguous(),
+                                                supported_kind(pairwise_kind), pairwise_grad);
   });
   return result;
 }
