@@ -321,49 +321,60 @@ def test_cuda_fast_paths_match_reference(kind):
     torch.testing.assert_close(got.cpu(), expected)
 
 
-def _quadratic_cases():
-    """(seed, labels, term weight, truncation, integer costs). The CPU takes the truncated quadratic's band
-    (vectorised; V is the cap beyond a reach of at most 64 labels) or, wider, the lower envelope of parabolas:
-    truncations below one label, at a square (the cap ties the parabola there), between squares, and 2000 (reach
-    44: the band) or none (reach L - 1: the band up to 65 labels, the envelope at 80); a zero weight (every label
-    costs min h); integer costs, where labels tie exactly."""
-    truncations = (0.5, 9.0, 10.5, 2000.0, None)
-    return [
-        (seed, n_labels, weight, truncation, seed % 2 == 0)
+def _capped_cases():
+    """(kind, seed, labels, term weight, truncation, integer costs) for the forms whose matrix is capped beyond a
+    reach of labels. The CPU takes a vectorised band up to a reach of 64 (truncated quadratic) or 32 (truncated
+    linear; Potts: reach 0, SGM's path), wider the quadratic's lower envelope of parabolas: truncations below one
+    label, at a square (the cap ties the parabola there), between squares, and 2000 (reach 44: the band) or none
+    (reach L - 1: the band up to 65 labels, the envelope at 80); a zero weight (every label costs min h); integer
+    costs, where labels tie exactly."""
+    quadratic = [
+        ("truncated_quadratic", seed, n_labels, weight, truncation, seed % 2 == 0)
         for seed, (n_labels, weight) in enumerate(((33, 0.3), (80, 1.0), (12, 2.5), (40, 0.0), (80, 0.02)))
-        for truncation in truncations
+        for truncation in (0.5, 9.0, 10.5, 2000.0, None)
     ]
+    linear = [
+        ("truncated_linear", seed, n_labels, weight, truncation, seed % 2 == 0)
+        for seed, (n_labels, weight) in enumerate(((33, 0.3), (21, 1.0), (12, 2.5), (17, 0.0)))
+        for truncation in (0.5, 3.0, 4.5, None)
+    ]
+    potts = [("potts", seed, 19, weight, None, seed % 2 == 0) for seed, weight in enumerate((0.4, 0.0))]
+    return quadratic + linear + potts
 
 
-@pytest.mark.parametrize("case", _quadratic_cases(), ids=str)
-def test_truncated_quadratic_path_equals_the_dense_path(case):
-    """The O(L) truncated-quadratic messages equal the O(L^2) min-convolution over the same matrix: costs and
-    stored argmins p, q bitwise, ties included, for every method, in float64."""
-    seed, n_labels, weight, truncation, integer_costs = case
+@pytest.mark.parametrize("case", _capped_cases(), ids=str)
+def test_capped_forms_equal_the_dense_path(case):
+    """The vectorised band and the quadratic's envelope equal the O(L^2) min-convolution over the same matrix:
+    costs and stored argmins p, q bitwise, ties included, for every method, in float64."""
+    kind, seed, n_labels, weight, truncation, integer_costs = case
     unary, _, weights = random_inputs(seed, 2, n_labels, 5, 6, 8)
     if integer_costs:
         unary = (unary * 3).round()
-    matrix = Pairwise("truncated_quadratic", weight, truncation).matrix(n_labels, dtype=F64)
-    general, quadratic = 0, 3  # csrc/message_passing/common.h PairwiseKind
+    matrix = Pairwise(kind, weight, truncation).matrix(n_labels, dtype=F64)
+    kind_id = {"potts": 1, "truncated_linear": 2, "truncated_quadratic": 3}[kind]  # common.h PairwiseKind
     for method_id in range(3):
-        dense = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, general)
-        fast = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, quadratic)
+        dense = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, 0)
+        fast = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, kind_id)
         for got, expected in zip(fast, dense, strict=True):
             assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("method", COMPILED_METHODS)
-@pytest.mark.parametrize(("n_labels", "truncation"), ((40, 16.0), (70, None)))
-def test_truncated_quadratic_gradients_match_reference(method, n_labels, truncation):
-    """Truncation 16 at 40 labels (the band; a square, so the cap ties the parabola at distance 4) and none at
-    70 (the envelope): unary, term weight, truncation and edge-weight gradients through the O(L) paths equal
-    autograd through the reference."""
+@pytest.mark.parametrize(
+    ("kind", "n_labels", "truncation"),
+    (("truncated_quadratic", 40, 16.0), ("truncated_quadratic", 70, None), ("truncated_linear", 40, None)),
+)
+def test_capped_form_gradients_match_reference(method, kind, n_labels, truncation):
+    """Truncated quadratic with truncation 16 at 40 labels (the band; a square, so the cap ties the parabola at
+    distance 4) and none at 70 (the envelope), truncated linear without truncation at 40 labels (its distance
+    transform): unary, term weight, truncation and edge-weight gradients through the O(L) paths equal autograd
+    through the reference."""
     unary, _, weights = random_inputs(31, 1, n_labels, 5, 6, 4)
     unary = (unary * 10).requires_grad_()
     weights.requires_grad_()
     options = {"dtype": F64, "requires_grad": True}
     pairwise = Pairwise(
-        "truncated_quadratic",
+        kind,
         torch.tensor(0.4, **options),
         None if truncation is None else torch.tensor(truncation, **options),
     )

@@ -3,10 +3,10 @@
 Same signature, checks and conventions as :func:`app.ops.reference.message_passing`; the forward stores the
 argmin indices of every message (uint8 up to 256 labels, wider above) and the backward replays them in
 reverse (Sec. 3.5.3, 3.7.4). Potts, truncated-linear and (on the CPU) truncated-quadratic
-:class:`~app.ops.reference.mrf.Pairwise` forms with a non-negative term weight take an O(L) forward path
-(min-convolution / distance transform; the truncated quadratic: a vectorised pass over the labels within the
-truncation, O(L) per label of that reach, when it is at most 64, else the lower envelope of parabolas), with the
-dense path's values and argmins, ties included. A matrix always takes the O(L^2) min-convolution. Mean-field runs its
+:class:`~app.ops.reference.mrf.Pairwise` forms with a non-negative term weight take O(L) forward paths: on the
+CPU a vectorised pass over the labels below the cap where it is reached within a few dozen labels, else the
+linear distance transform or the lower envelope of parabolas (the quadratic's results equal the dense path's,
+argmins and ties included). A matrix always takes the O(L^2) min-convolution. Mean-field runs its
 own compiled op (``app::meanfield``, csrc/message_passing/meanfield.h), which stores the distributions of
 every iteration for the backward (O(L) products for Potts and truncated linear, GEMMs for other pairwise).
 """

@@ -171,7 +171,9 @@ void truncated_quadratic_convolve(const scalar_t* h, int64_t n_labels, scalar_t 
 }
 
 // u(lambda) = min_mu h(mu) + w V_r(mu, lambda) and its first-index argmin p(lambda) = scratch.arg (Alg. 1-2 lines
-// 7-8). h, u: (L); v_r: (L, L) row-major (mu, lambda).
+// 7-8) for the general matrix, the truncated linear (distance transform) and the truncated quadratic (envelope);
+// the CPU sweeps take Potts and narrow truncations through their own vectorised paths. h, u: (L); v_r: (L, L)
+// row-major (mu, lambda).
 template <typename scalar_t>
 inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scalar_t w, const scalar_t* v_r,
                          scalar_t* u, ConvolveScratch& scratch) {
@@ -197,16 +199,6 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
   for (int64_t m = 1; m < n_labels; ++m) best = h[m] < h[best] ? static_cast<int32_t>(m) : best;
   if (kind == kTruncatedQuadratic) {
     truncated_quadratic_convolve(h, n_labels, w, v_r, best, u, scratch);
-    return;
-  }
-  if (kind == kPotts) {
-    // min(h(lambda), min_mu h(mu) + w c), ties to the lower label as the dense argmin does.
-    const scalar_t jump = h[best] + w * v_r[1];
-    for (int64_t l = 0; l < n_labels; ++l) {
-      const bool stay = h[l] < jump || (h[l] == jump && l < best);
-      u[l] = stay ? h[l] : jump;
-      arg[l] = stay ? static_cast<int32_t>(l) : best;
-    }
     return;
   }
   // Truncated linear: two-pass distance transform with slope w V(0, 1), then the cap min h + w V(0, L-1).
@@ -235,34 +227,6 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
     u[l] = capped ? cap : u[l];
     arg[l] = capped ? best : arg[l];
   }
-}
-
-// Potts message fused with Eq. 3.5: m(lambda) = min(h(lambda), min h + c) - min h with c = w V(0, 1) >= 0, in
-// one pass over the labels; writes m and p, returns q. Same argmins as min_convolve + normalise.
-template <typename scalar_t, typename index_t>
-inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
-  scalar_t low = h[0];
-  for (int64_t l = 1; l < n_labels; ++l) low = h[l] < low ? h[l] : low;
-  int32_t best = 0;
-  while (h[best] != low) ++best;
-  const scalar_t jump = low + jump_cost;
-  const scalar_t jump_message = jump - low;
-  for (int64_t l = 0; l < n_labels; ++l) {
-    const bool stay = h[l] < jump || (h[l] == jump && l < best);
-    m[l] = stay ? h[l] - low : jump_message;
-    p[l] = static_cast<index_t>(stay ? l : best);
-  }
-  return jump == low ? 0 : best;
-}
-
-// Eq. 3.5: subtract the minimum (first-index argmin q, Alg. 1-2 line 10-11); returns q.
-template <typename scalar_t>
-inline int32_t normalise(scalar_t* u, int64_t n_labels) {
-  int32_t q = 0;
-  for (int64_t l = 1; l < n_labels; ++l) q = u[l] < u[q] ? static_cast<int32_t>(l) : q;
-  const scalar_t low = u[q];
-  for (int64_t l = 0; l < n_labels; ++l) u[l] -= low;
-  return q;
 }
 
 // ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward_pair / backward_pair, the
@@ -432,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
 }
 
 // Reverse-mode replay of forward_kernel from the stored indices (Alg. 3-4). kind is the forward's pairwise kind (the
-// CPU scatters a Potts message in one pass when V's gradient is not needed). Gradients that are not needed
+// CPU scatters a Potts message in one pass). Gradients that are not needed
 // (pairwise_grad / weights_grad false) are not computed: state.grad_v / grad_weights are nullptr, and the returned
 // tensors stay zeros.
 template <typename Sweeps, typename scalar_t, typename index_t>

@@ -238,28 +238,33 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, sc
   return jump == low ? 0 : best;
 }
 
-// Truncated quadratic with a narrow band, vectorised over lambda: V(mu, lambda) = V(0, |mu - lambda|) (the
-// form's matrix) equals the cap V(0, L-1) beyond `reach` labels, so u(lambda) is the minimum of
-// h(mu) + w V(0, |mu - lambda|) over the band |mu - lambda| <= reach and of h(mu) + w V(0, L-1) over the labels
-// below and above it, which running minima give. The three groups are taken in ascending mu with strict
-// comparisons: values and first-index argmins are the dense min-convolution's. O(L (2 reach + 1)); used where
-// that beats the scalar envelope of common.h.
+// Min-convolution with a narrow band, vectorised over lambda, for the pairwise forms whose matrix is
+// V(mu, lambda) = V(0, |mu - lambda|), capped at V(0, L-1) beyond `reach` labels (Potts: reach 0; truncated linear
+// and quadratic): u(lambda) is the minimum of h(mu) + w V(0, |mu - lambda|) over the band |mu - lambda| <= reach and
+// of h(mu) + w V(0, L-1) over the labels below and above it, which running minima give. The three groups are
+// taken in ascending mu with strict comparisons: values and first-index argmins are the dense min-convolution's.
+// O(L (2 reach + 1)); used up to the width where it beats the kind's scalar O(L) path in common.h.
 template <typename scalar_t>
 struct BandedConvolve {
-  // 2 reach + 1 up to which the band beats the envelope: measured at 96 and 256 labels (single thread, 64x128,
-  // TRWP-4, 5 iterations), the envelope took 0.36 / 1.0 s at any reach, the band 0.30 / 0.85 s at 129, 0.41 / 1.17
-  // s at 193
-  static constexpr int64_t kMaxWidth = 129;
-  int64_t reach;  // -1: the band is too wide, the envelope runs
+  int64_t reach;  // -1: no band, min_convolve runs
   // h between `reach` infinities on each side; the far groups' minima and their labels per lambda
   std::vector<scalar_t> padded_h, below, above;
   std::vector<int32_t> below_label, above_label;
 
-  // reach for the (L, L) matrix v of the truncated quadratic: the last d with V(0, d) below the cap
-  static int64_t reach_of(const scalar_t* v, int64_t n_labels) {
-    int64_t reach = n_labels - 1;
+  // The band of `kind` for its (L, L) matrix v (-1: none, or wider than where it pays). Potts always has reach 0
+  // (its one-pass potts_message serves TRWP and ISGMR; SGM adds the receiver's unary before normalising). The
+  // widths (2 reach + 1) where the band stops beating the scalar path were measured at 96 and 256 labels (single
+  // thread, 64x128, TRWP-4, 5 iterations): the truncated linear distance transform took 0.22 / 0.59 s at any
+  // reach, the band 0.17 / 0.51 s at width 65 and 0.23 / 0.66 s at 97; the truncated quadratic's envelope
+  // 0.36 / 1.0 s, the band 0.30 / 0.85 s at 129 and 0.41 / 1.17 s at 193.
+  static int64_t reach_for(int64_t kind, const scalar_t* v, int64_t n_labels) {
+    const int64_t max_width = kind == kPotts               ? 1
+                              : kind == kTruncatedLinear    ? 65
+                              : kind == kTruncatedQuadratic ? 129
+                                                            : 0;
+    int64_t reach = n_labels - 1;  // the last d with V(0, d) below the cap
     while (reach > 0 && v[reach] == v[n_labels - 1]) --reach;
-    return 2 * reach + 1 <= kMaxWidth ? reach : -1;
+    return 2 * reach + 1 <= max_width ? reach : -1;
   }
   BandedConvolve(int64_t n_labels, int64_t reach)
       : reach(reach),
@@ -330,7 +335,7 @@ void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, s
     *q = static_cast<index_t>(potts_message(h, n_labels, w * grid.v_r(r)[1], u, p));
     return;
   }
-  if (grid.kind == kTruncatedQuadratic && banded.reach >= 0) {
+  if (banded.reach >= 0) {
     banded.run(h, n_labels, w, grid.v_r(r), u, scratch.arg.data());
   } else {
     min_convolve(grid.kind, h, n_labels, w, grid.v_r(r), u, scratch);
@@ -350,7 +355,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
                     SweepIndices<index_t> iteration) {
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
-  const int64_t reach = grid.kind == kTruncatedQuadratic ? BandedConvolve<scalar_t>::reach_of(grid.v, L) : -1;
+  const int64_t reach = BandedConvolve<scalar_t>::reach_for(grid.kind, grid.v, L);
   scan_pair(grid, r_first, false, [&](int64_t r) {
     scalar_t* m_r = messages + r * N * L;
     const scalar_t* m_opp = method == kTRWP    ? messages + (r ^ 1) * N * L
