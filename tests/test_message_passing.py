@@ -312,7 +312,7 @@ def test_cuda_unary_gradient_without_parameter_gradients(method):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind", ("potts", "truncated_linear"))
+@pytest.mark.parametrize("kind", ("potts", "truncated_linear", "truncated_quadratic"))
 def test_cuda_fast_paths_match_reference(kind):
     unary, matrix, weights = random_inputs(10, 1, 40, 8, 12, 4, device="cuda")
     pairwise = make_pairwise(kind, matrix)
