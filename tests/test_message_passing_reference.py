@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from app.ops._checks import all_finite
 from app.ops.reference.message_passing import METHODS, _trws_node_weights, message_passing, trws
 from app.ops.reference.mrf import (
     GRID_OFFSETS,
@@ -22,6 +23,7 @@ from app.ops.reference.mrf import (
     mrf_energy,
     opposite_direction,
     pairwise_matrix,
+    prepare_mrf_inputs,
     shift,
     trwp_rho,
 )
@@ -621,6 +623,29 @@ BAD_CASES = [
     ({"n_directions": 6}, "n_directions"),
     ({"n_directions": 4.0}, "n_directions"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype", "finite"),
+    [
+        ([1.0, -2.0, 3.0], torch.float32, True),
+        ([3e38, 3e38, -1.0], torch.float32, True),  # the sum overflows: the elementwise test decides
+        ([1e308, 1e308], torch.float64, True),
+        ([6e4, 6e4], torch.float16, True),  # summed in float32
+        ([float("inf"), float("-inf")], torch.float32, False),  # the sum is NaN
+        ([1.0, float("-inf")], torch.float64, False),
+        ([float("nan"), 1.0], torch.float16, False),
+    ],
+)
+def test_all_finite(values, dtype, finite):
+    assert all_finite(torch.tensor(values, dtype=dtype)) is finite
+
+
+def test_costs_whose_sum_overflows_are_accepted():
+    unary = GOOD_UNARY.clone()
+    unary[0, :, 0, 0] = 3e38
+    prepared, _, _ = prepare_mrf_inputs(unary, GOOD_MATRIX, None, 4)
+    assert torch.equal(prepared, unary)
 
 
 def _call(function, overrides):

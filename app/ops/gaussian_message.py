@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app.ops._checks import FLOATING, check_same_device, check_tensor
+from app.ops._checks import FLOATING, all_finite, check_same_device, check_tensor
 from app.ops._extension import extension_loaded, require_extension
 
 
@@ -47,7 +47,7 @@ def gaussian_message(q: torch.Tensor, features: torch.Tensor, filter_size: int) 
             f"got {tuple(features.shape)}"
         )
     for name, tensor in (("q", q), ("features", features)):
-        if not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ValueError(f"{name} contains non-finite values")
     return torch.ops.app.gaussian_message(q.contiguous(), features.contiguous(), filter_size)
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from app.ops._checks import all_finite
+
 GRID_OFFSETS: tuple[tuple[int, int], ...] = (
     (0, 1),
     (1, 0),
@@ -238,7 +240,7 @@ def prepare_mrf_inputs(
         raise ValueError(f"unary must have at least 2 labels (dim 1), got {n_labels}")
     if batch == 0 or height == 0 or width == 0:
         raise ValueError(f"unary must not be empty, got shape {tuple(unary.shape)}")
-    if not bool(torch.isfinite(unary.detach()).all()):
+    if not all_finite(unary):
         raise ValueError("unary must contain only finite values (NaN/inf would corrupt the minima)")
     dtype = compute_dtype(unary.dtype)
     matrix = pairwise_matrix(pairwise, n_labels, dtype=dtype, device=unary.device)
@@ -256,10 +258,9 @@ def prepare_mrf_inputs(
             raise ValueError(f"edge_weights must be a floating tensor, got {edge_weights.dtype}")
         if edge_weights.device != unary.device:
             raise ValueError(f"edge_weights is on {edge_weights.device}, unary on {unary.device}")
-        detached = edge_weights.detach()
-        if not bool(torch.isfinite(detached).all()):
+        if not all_finite(edge_weights):
             raise ValueError("edge_weights must contain only finite values")
-        if bool((detached < 0).any()):
+        if bool(edge_weights.detach().min() < 0):
             raise ValueError("edge_weights must be non-negative")
         weights = edge_weights.to(dtype)
     return unary.to(dtype), matrix, weights
