@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from app.ops import message_passing
-from app.ops.message_passing import index_dtype
+from app.ops.message_passing import _GENERAL, _pairwise_kind, index_dtype
 from app.ops.reference import Pairwise
 from app.ops.reference import message_passing as reference
 
@@ -350,10 +350,10 @@ def test_capped_forms_equal_the_dense_path(case):
     unary, _, weights = random_inputs(seed, 2, n_labels, 5, 6, 8)
     if integer_costs:
         unary = (unary * 3).round()
-    matrix = Pairwise(kind, weight, truncation).matrix(n_labels, dtype=F64)
-    kind_id = {"potts": 1, "truncated_linear": 2, "truncated_quadratic": 3}[kind]  # common.h PairwiseKind
+    form = Pairwise(kind, weight, truncation)
+    matrix, kind_id = form.matrix(n_labels, dtype=F64), _pairwise_kind(form)
     for method_id in range(3):
-        dense = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, 0)
+        dense = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, _GENERAL)
         fast = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, kind_id)
         for got, expected in zip(fast, dense, strict=True):
             assert torch.equal(got, expected)
