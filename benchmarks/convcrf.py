@@ -11,7 +11,7 @@ ConvCRF head itself at full PASCAL VOC size (500x375, 21 classes, Conv11, blur 4
 
     python benchmarks/convcrf.py [--device cpu|cuda] [--images 20] [--size 256] [--threads 1]
 
-Prints markdown tables and writes benchmarks/results/convcrf.json.
+Prints markdown tables and writes benchmarks/results/convcrf_<device>.json.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def main() -> None:
     )
     print(markdown_table(["device", "ms"], [[r["device"], f"{r['ms']:.1f}"] for r in pascal]))
     path = save_json(
-        "convcrf",
+        f"convcrf_{args.device}",
         {"machine": machine(), "args": vars(args), "table1": rows, "message_op": ops, "pascal_head": pascal},
     )
     print(f"\nwrote {path}")

@@ -5,15 +5,16 @@ reference.
     python benchmarks/message_passing_speed.py [--device cpu|cuda]
         [--pairwise potts|truncated_linear|truncated_quadratic|matrix]
         [--labels 32 96] [--directions 4 8 16] [--methods trwp isgmr meanfield] [--reference-directions 4]
-        [--repeats 3]
+        [--repeats 3] [--profile]
 
 The forms take the kernels' O(L) paths (truncated quadratic: on the CPU; CUDA runs it as a matrix); ``matrix``
 is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation 16) given as an (L, L) matrix,
 which takes the O(L^2) min-convolution. The reference is slow (a Python loop over image rows), so it is timed
 once and only at ``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices
 (Sec. 3.7.4), one uint8 per label and message plus one per message; for MF the distributions of every
-iteration, one float32 per label, pixel and iteration. Prints a markdown table and writes
-benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
+iteration, one float32 per label, pixel and iteration. Prints a markdown table (seconds on the CPU, milliseconds on a GPU) and writes
+benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json. ``--profile`` first prints the
+torch profiler's table of one forward and backward of the first method / directions / labels (per-kernel times).
 """
 
 from __future__ import annotations
@@ -62,6 +63,31 @@ def time_pair(fn, unary: torch.Tensor, device: str, repeats: int, warmup: int) -
     return forward, backward
 
 
+def print_profile(args: argparse.Namespace) -> None:
+    """The profiler's per-operator / per-kernel table of one forward + backward (after warm-up calls)."""
+    n_labels, method, n_directions = args.labels[0], args.methods[0], args.directions[0]
+    unary = torch.rand(1, n_labels, HEIGHT, WIDTH, device=args.device, requires_grad=True)
+    pairwise = make_pairwise(args.pairwise, n_labels, args.device)
+
+    def step() -> None:
+        costs = message_passing(unary, pairwise, None, method, n_directions, ITERATIONS)
+        torch.autograd.grad(costs, unary, torch.ones_like(costs))
+
+    for _ in range(3):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as profile:
+        step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(f"profile: {method}-{n_directions}, {n_labels} labels, one forward + backward")
+    print(profile.key_averages().table(sort_by=sort, row_limit=15))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,8 +103,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["trwp", "isgmr", "meanfield"])
     parser.add_argument("--reference-directions", type=int, nargs="*", default=[4])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="per-kernel times of the first configuration")
     args = parser.parse_args()
 
+    if args.profile:
+        print_profile(args)
+    unit, scale = ("ms", 1.0) if args.device == "cuda" else ("s", 1e-3)
     rows, results = [], []
     for n_labels in args.labels:
         gen = torch.Generator().manual_seed(0)
@@ -110,10 +140,10 @@ def main() -> None:
                     [
                         f"{'MF' if method == 'meanfield' else method.upper()}-{n_directions}",
                         n_labels,
-                        f"{forward / 1e3:.3f}",
-                        f"{backward / 1e3:.3f}",
-                        "-" if ref_f is None else f"{ref_f / 1e3:.2f}",
-                        "-" if ref_b is None else f"{ref_b / 1e3:.2f}",
+                        f"{forward * scale:.3f}",
+                        f"{backward * scale:.3f}",
+                        "-" if ref_f is None else f"{ref_f * scale:.2f}",
+                        "-" if ref_b is None else f"{ref_b * scale:.2f}",
                         "-" if ref_f is None else f"{ref_f / forward:.0f}x / {ref_b / backward:.0f}x",
                         f"{entry['stored_mib']:.0f}",
                     ]
@@ -121,10 +151,10 @@ def main() -> None:
     headers = [
         "method",
         "labels",
-        "fwd (s)",
-        "bwd (s)",
-        "ref fwd (s)",
-        "ref bwd (s)",
+        f"fwd ({unit})",
+        f"bwd ({unit})",
+        f"ref fwd ({unit})",
+        f"ref bwd ({unit})",
         "speed-up",
         "stored (MiB)",
     ]

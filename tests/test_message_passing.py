@@ -311,6 +311,61 @@ def test_cuda_unary_gradient_without_parameter_gradients(method):
     torch.testing.assert_close(got.cpu(), expected)
 
 
+# (method id, directions, iterations) whose sums stay exact on exact_inputs: ISGMR and SGM add integers and halves;
+# TRWP scales by rho = 2 / D, whose fractions outgrow float32 after one sweep of 8 or 16 directions
+EXACT_RUNS = ((0, 8, 2), (0, 16, 2), (1, 4, 1), (2, 4, 2), (2, 16, 2))
+
+
+def exact_inputs(n_labels: int, dtype: torch.dtype, seed: int):
+    """Integer unary (2, L, 5, 6) and dense pairwise matrix, a Potts matrix of cost 2, and edge weights in {0.5, 1, 2}
+    for 16 directions (take the first D/2 offsets): every product in a sweep is exact, and in EXACT_RUNS every sum
+    too, so any two correct kernels agree bit for bit."""
+    gen = torch.Generator().manual_seed(seed)
+    unary = torch.randint(0, 6, (2, n_labels, 5, 6), generator=gen).to(dtype)
+    dense = torch.randint(0, 4, (n_labels, n_labels), generator=gen).to(dtype)
+    potts = Pairwise("potts", 2.0).matrix(n_labels, dtype=dtype)
+    weights = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)[torch.randint(0, 3, (2, 8, 5, 6), generator=gen)]
+    return unary, {_pairwise_kind(Pairwise("potts", 2.0)): potts, _GENERAL: dense}, weights
+
+
+@pytest.mark.parametrize("n_labels", (5, 40))
+def test_exact_inputs_are_exact_in_float32(n_labels):
+    """The premise of test_cuda_sweeps_equal_cpu_bitwise: float32 gives float64's costs and indices on these runs."""
+    single, double = exact_inputs(n_labels, torch.float32, 1), exact_inputs(n_labels, F64, 1)
+    for kind in single[1]:
+        for method_id, n_directions, n_iterations in EXACT_RUNS:
+            got, expected = (
+                torch.ops.app.message_passing(
+                    u, m[kind], w[:, : n_directions // 2], method_id, n_directions, n_iterations, kind
+                )
+                for u, m, w in (single, double)
+            )
+            assert torch.equal(got[0].double(), expected[0])
+            assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:], strict=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_labels", (2, 19, 32, 33, 64, 96, 100, 128, 130, 200, 256, 300))
+def test_cuda_sweeps_equal_cpu_bitwise(n_labels):
+    """On exact inputs the CUDA forward (warp sweeps up to 256 labels: 1, 2, 3, 4, 6 or 8 labels per lane; block
+    sweeps above) gives the CPU's costs and stored argmins p, q bit for bit, ties included: float32 (warp
+    reductions) and float64 (shuffles), Potts and a dense matrix, every method. TRWP over 16 directions and two
+    iterations, where float32 rounds: costs equal to rounding."""
+    for dtype in (torch.float32, F64):
+        unary, matrices, weights = exact_inputs(n_labels, dtype, n_labels)
+        for kind, matrix in matrices.items():
+            for method_id, n_directions, n_iterations in (*EXACT_RUNS, (1, 16, 2)):
+                args = (unary, matrix, weights[:, : n_directions // 2])
+                options = (method_id, n_directions, n_iterations, kind)
+                on_cpu = torch.ops.app.message_passing(*args, *options)
+                on_gpu = torch.ops.app.message_passing(*(t.cuda() for t in args), *options)
+                if (method_id, n_directions, n_iterations) not in EXACT_RUNS:
+                    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0])
+                    continue
+                for got, expected in zip(on_gpu, on_cpu, strict=True):
+                    assert torch.equal(got.cpu(), expected), (dtype, options)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ("potts", "truncated_linear", "truncated_quadratic"))
 def test_cuda_fast_paths_match_reference(kind):

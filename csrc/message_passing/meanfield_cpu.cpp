@@ -6,9 +6,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,6 +23,15 @@ namespace {
 // -87 give e^-87 (~1.6e-38, the smallest power kept normal), negligible beside the softmax's largest term, 1; the
 // clamp compares the bits as unsigned integers (larger for more negative floats), which GCC if-converts where a
 // float comparison, which may trap, would stop the vectoriser.
+// The bits of `from` read as a To (std::bit_cast is C++20; torch builds extensions as C++17 up to 2.11).
+template <typename To, typename From>
+inline To bits_as(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bits_as needs types of one size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
 template <typename scalar_t>
 inline scalar_t exp_nonpositive(scalar_t x) {
   return std::exp(x);
@@ -30,8 +39,8 @@ inline scalar_t exp_nonpositive(scalar_t x) {
 
 template <>
 inline float exp_nonpositive<float>(float x) {
-  constexpr uint32_t kLowest = std::bit_cast<uint32_t>(-87.0f);
-  x = std::bit_cast<float>(std::min(std::bit_cast<uint32_t>(x), kLowest));
+  constexpr uint32_t kLowest = 0xC2AE0000u;  // the bits of -87.0f
+  x = bits_as<float>(std::min(bits_as<uint32_t>(x), kLowest));
   const int32_t n = static_cast<int32_t>(x * 1.44269504f - 0.5f);  // round(x / ln 2), x <= 0
   const float r = (x - static_cast<float>(n) * 0.693145752f) - static_cast<float>(n) * 1.42860677e-6f;
   float p = 1.0f / 5040.0f;
@@ -42,7 +51,7 @@ inline float exp_nonpositive<float>(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * std::bit_cast<float>((n + 127) << 23);
+  return p * bits_as<float>((n + 127) << 23);
 }
 
 // out[x] = sum of w[x] * neighbour row[x +- dx] over the offsets, for output row (b, plane_row + y) of a Gather.
