@@ -328,42 +328,66 @@ def exact_inputs(n_labels: int, dtype: torch.dtype, seed: int):
     return unary, {_pairwise_kind(Pairwise("potts", 2.0)): potts, _GENERAL: dense}, weights
 
 
+def forward_and_backward(unary, matrix, weights, grad_costs, method_id, n_directions, n_iterations, kind):
+    """The compiled ops' raw outputs: costs, p, q, then the unary, pairwise and edge-weight gradients."""
+    options = (method_id, n_directions, n_iterations, kind)
+    costs, p, q = torch.ops.app.message_passing(unary, matrix, weights, *options)
+    grads = torch.ops.app.message_passing_backward(grad_costs, matrix, weights, p, q, *options, True, True)
+    return (costs, p, q, *grads)
+
+
+def exact_run(n_labels: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
+    """forward_and_backward of every exact run and pairwise kind on exact_inputs with integer output gradients in
+    [-2, 2]: {(kind, method id, directions, iterations): outputs}."""
+    unary, matrices, weights = exact_inputs(n_labels, dtype, seed)
+    grad_costs = torch.randint(-2, 3, unary.shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    runs = {}
+    for kind, matrix in matrices.items():
+        for method_id, n_directions, n_iterations in EXACT_RUNS:
+            tensors = (unary, matrix, weights[:, : n_directions // 2], grad_costs)
+            runs[kind, method_id, n_directions, n_iterations] = forward_and_backward(
+                *(t.to(device) for t in tensors), method_id, n_directions, n_iterations, kind
+            )
+    return runs
+
+
 @pytest.mark.parametrize("n_labels", (5, 40))
 def test_exact_inputs_are_exact_in_float32(n_labels):
-    """The premise of test_cuda_sweeps_equal_cpu_bitwise: float32 gives float64's costs and indices on these runs."""
-    single, double = exact_inputs(n_labels, torch.float32, 1), exact_inputs(n_labels, F64, 1)
-    for kind in single[1]:
-        for method_id, n_directions, n_iterations in EXACT_RUNS:
-            got, expected = (
-                torch.ops.app.message_passing(
-                    u, m[kind], w[:, : n_directions // 2], method_id, n_directions, n_iterations, kind
-                )
-                for u, m, w in (single, double)
-            )
-            assert torch.equal(got[0].double(), expected[0])
-            assert all(torch.equal(a, b) for a, b in zip(got[1:], expected[1:], strict=True))
+    """The premise of test_cuda_sweeps_equal_cpu_bitwise: float32 gives float64's costs, indices and gradients."""
+    single, double = exact_run(n_labels, torch.float32, 1), exact_run(n_labels, F64, 1)
+    for run, outputs in single.items():
+        for got, expected in zip(outputs, double[run], strict=True):
+            assert torch.equal(got.to(expected.dtype), expected), run
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("n_labels", (2, 19, 32, 33, 64, 96, 100, 128, 130, 200, 256, 300))
 def test_cuda_sweeps_equal_cpu_bitwise(n_labels):
-    """On exact inputs the CUDA forward (warp sweeps up to 256 labels: 1, 2, 3, 4, 6 or 8 labels per lane; block
-    sweeps above) gives the CPU's costs and stored argmins p, q bit for bit, ties included: float32 (warp
-    reductions) and float64 (shuffles), Potts and a dense matrix, every method. TRWP over 16 directions and two
-    iterations, where float32 rounds: costs equal to rounding."""
+    """On exact inputs the CUDA sweeps (one warp per scanline up to 256 labels, 1, 2, 3, 4, 6 or 8 labels per lane;
+    a block per scanline above) give the CPU's costs, stored argmins p, q and gradients bit for bit, ties included:
+    float32 (warp reductions) and float64 (shuffles), Potts and a dense matrix, every method."""
     for dtype in (torch.float32, F64):
-        unary, matrices, weights = exact_inputs(n_labels, dtype, n_labels)
-        for kind, matrix in matrices.items():
-            for method_id, n_directions, n_iterations in (*EXACT_RUNS, (1, 16, 2)):
-                args = (unary, matrix, weights[:, : n_directions // 2])
-                options = (method_id, n_directions, n_iterations, kind)
-                on_cpu = torch.ops.app.message_passing(*args, *options)
-                on_gpu = torch.ops.app.message_passing(*(t.cuda() for t in args), *options)
-                if (method_id, n_directions, n_iterations) not in EXACT_RUNS:
-                    torch.testing.assert_close(on_gpu[0].cpu(), on_cpu[0])
-                    continue
-                for got, expected in zip(on_gpu, on_cpu, strict=True):
-                    assert torch.equal(got.cpu(), expected), (dtype, options)
+        on_cpu, on_gpu = exact_run(n_labels, dtype, n_labels), exact_run(n_labels, dtype, n_labels, "cuda")
+        for run, outputs in on_gpu.items():
+            for got, expected in zip(outputs, on_cpu[run], strict=True):
+                assert torch.equal(got.cpu(), expected), (dtype, run)
+
+
+@pytest.mark.cuda
+def test_cuda_float32_matches_cpu():
+    """float32 on random (tie-free) inputs, TRWP over 16 directions and two iterations (rho = 1/8: float32 rounds),
+    96 labels (three per lane), Potts and a dense matrix: costs and gradients equal the CPU's to rounding."""
+    unary, matrix, weights = (t.float() for t in random_inputs(7, 2, 96, 9, 11, 16))
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(7))
+    for kind, pairwise in (
+        (_pairwise_kind(Pairwise("potts", 1.0)), Pairwise("potts", 1.0).matrix(96)),
+        (_GENERAL, matrix),
+    ):
+        tensors = (unary, pairwise, weights, grad_costs)
+        on_cpu = forward_and_backward(*tensors, 1, 16, 2, kind)
+        on_gpu = forward_and_backward(*(t.cuda() for t in tensors), 1, 16, 2, kind)
+        for index in (0, 3, 4, 5):  # costs and the three gradients
+            torch.testing.assert_close(on_gpu[index].cpu(), on_cpu[index], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.cuda
