@@ -12,9 +12,10 @@ is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation
 which takes the O(L^2) min-convolution. The reference is slow (a Python loop over image rows), so it is timed
 once and only at ``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices
 (Sec. 3.7.4), one uint8 per label and message plus one per message; for MF the distributions of every
-iteration, one float32 per label, pixel and iteration. Prints a markdown table (seconds on the CPU, milliseconds on a GPU) and writes
-benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json. ``--profile`` first prints the
-torch profiler's table of one forward and backward of the first method / directions / labels (per-kernel times).
+iteration, one float32 per label, pixel and iteration. Prints a markdown table (seconds on the CPU,
+milliseconds on a GPU) and writes benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
+``--profile`` first prints the torch profiler's table of one forward and backward of the first method /
+directions / labels (per-kernel times).
 """
 
 from __future__ import annotations
@@ -73,17 +74,17 @@ def print_profile(args: argparse.Namespace) -> None:
         costs = message_passing(unary, pairwise, None, method, n_directions, ITERATIONS)
         torch.autograd.grad(costs, unary, torch.ones_like(costs))
 
+    on_gpu = args.device == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     for _ in range(3):
         step()
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if args.device == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-        torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as profile:
         step()
-        if args.device == "cuda":
+        if on_gpu:
             torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(f"profile: {method}-{n_directions}, {n_labels} labels, one forward + backward")
     print(profile.key_averages().table(sort_by=sort, row_limit=15))
 

@@ -312,7 +312,7 @@ def test_cuda_unary_gradient_without_parameter_gradients(method):
 
 
 # (method id, directions, iterations) whose sums stay exact on exact_inputs: ISGMR and SGM add integers and halves;
-# TRWP scales by rho = 2 / D, whose fractions outgrow float32 after one sweep of 8 or 16 directions
+# TRWP scales by rho = 2 / D, whose fractions outgrow float32 beyond one iteration of 4 directions
 EXACT_RUNS = ((0, 8, 2), (0, 16, 2), (1, 4, 1), (2, 4, 2), (2, 16, 2))
 
 
@@ -323,9 +323,9 @@ def exact_inputs(n_labels: int, dtype: torch.dtype, seed: int):
     gen = torch.Generator().manual_seed(seed)
     unary = torch.randint(0, 6, (2, n_labels, 5, 6), generator=gen).to(dtype)
     dense = torch.randint(0, 4, (n_labels, n_labels), generator=gen).to(dtype)
-    potts = Pairwise("potts", 2.0).matrix(n_labels, dtype=dtype)
+    potts = Pairwise("potts", 2.0)
     weights = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)[torch.randint(0, 3, (2, 8, 5, 6), generator=gen)]
-    return unary, {_pairwise_kind(Pairwise("potts", 2.0)): potts, _GENERAL: dense}, weights
+    return unary, {_pairwise_kind(potts): potts.matrix(n_labels, dtype=dtype), _GENERAL: dense}, weights
 
 
 def forward_and_backward(unary, matrix, weights, grad_costs, method_id, n_directions, n_iterations, kind):
@@ -379,10 +379,8 @@ def test_cuda_float32_matches_cpu():
     96 labels (three per lane), Potts and a dense matrix: costs and gradients equal the CPU's to rounding."""
     unary, matrix, weights = (t.float() for t in random_inputs(7, 2, 96, 9, 11, 16))
     grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(7))
-    for kind, pairwise in (
-        (_pairwise_kind(Pairwise("potts", 1.0)), Pairwise("potts", 1.0).matrix(96)),
-        (_GENERAL, matrix),
-    ):
+    potts = Pairwise("potts", 1.0)
+    for kind, pairwise in ((_pairwise_kind(potts), potts.matrix(96)), (_GENERAL, matrix)):
         tensors = (unary, pairwise, weights, grad_costs)
         on_cpu = forward_and_backward(*tensors, 1, 16, 2, kind)
         on_gpu = forward_and_backward(*(t.cuda() for t in tensors), 1, 16, 2, kind)

@@ -18,11 +18,6 @@ namespace app {
 namespace meanfield {
 namespace {
 
-// e^x for x <= 0, in a form GCC vectorises: x = n ln 2 + r with |r| <= ln(2) / 2, 2^n built in the exponent bits,
-// e^r from its Taylor polynomial of degree 7 (relative error below 1e-7, float rounding dominates). Inputs below
-// -87 give e^-87 (~1.6e-38, the smallest power kept normal), negligible beside the softmax's largest term, 1; the
-// clamp compares the bits as unsigned integers (larger for more negative floats), which GCC if-converts where a
-// float comparison, which may trap, would stop the vectoriser.
 // The bits of `from` read as a To (std::bit_cast is C++20; torch builds extensions as C++17 up to 2.11).
 template <typename To, typename From>
 inline To bits_as(From from) {
@@ -32,6 +27,11 @@ inline To bits_as(From from) {
   return to;
 }
 
+// e^x for x <= 0, in a form GCC vectorises: x = n ln 2 + r with |r| <= ln(2) / 2, 2^n built in the exponent bits,
+// e^r from its Taylor polynomial of degree 7 (relative error below 1e-7, float rounding dominates). Inputs below
+// -87 give e^-87 (~1.6e-38, the smallest power kept normal), negligible beside the softmax's largest term, 1; the
+// clamp compares the bits as unsigned integers (larger for more negative floats), which GCC if-converts where a
+// float comparison, which may trap, would stop the vectoriser.
 template <typename scalar_t>
 inline scalar_t exp_nonpositive(scalar_t x) {
   return std::exp(x);
