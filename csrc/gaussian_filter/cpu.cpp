@@ -14,6 +14,8 @@
 #include <xmmintrin.h>
 #endif
 
+#include "geometry.h"
+
 namespace app {
 namespace {
 
@@ -29,11 +31,6 @@ class FlushSubnormals {
  private:
   unsigned int saved_;
 #endif
-};
-
-struct Geometry {
-  int64_t channels, n_features, height, width, radius;
-  int64_t pixels() const { return height * width; }
 };
 
 // kernel[x] = exp(-1/2 sum_f (f[y, x] - f[y + dy, x + dx])^2) for x in [x0, x1) (Eq. 5).
@@ -135,16 +132,6 @@ void features_backward_kernel(const scalar_t* grad, const scalar_t* q, const sca
       }
     }
   });
-}
-
-Geometry check_inputs(const at::Tensor& q, const at::Tensor& features, int64_t filter_size) {
-  TORCH_CHECK(q.dim() == 4 && features.dim() == 4, "gaussian_message: expected q (B,C,H,W), features (B,F,H,W)");
-  TORCH_CHECK(q.is_contiguous() && features.is_contiguous(), "gaussian_message: inputs must be contiguous");
-  TORCH_CHECK(q.scalar_type() == features.scalar_type(), "gaussian_message: q and features must share a dtype");
-  TORCH_CHECK(q.size(0) == features.size(0) && q.size(2) == features.size(2) && q.size(3) == features.size(3),
-              "gaussian_message: q and features must share batch and spatial size");
-  TORCH_CHECK(filter_size >= 3 && filter_size % 2 == 1, "gaussian_message: filter_size must be odd and >= 3");
-  return {q.size(1), features.size(1), q.size(2), q.size(3), filter_size / 2};
 }
 
 at::Tensor gaussian_message_cpu(const at::Tensor& q, const at::Tensor& features, int64_t filter_size) {

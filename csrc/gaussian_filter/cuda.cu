@@ -8,15 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "geometry.h"
+
 namespace app {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kChannelBlock = 8;  // channels accumulated in registers per pass over the window
-
-struct Geometry {
-  int64_t channels, n_features, height, width, radius;
-};
 
 // exp(-1/2 sum_f (f[p] - f[n])^2) for pixels p and n of one image (Eq. 5).
 template <typename scalar_t, typename acc_t>
@@ -33,7 +31,7 @@ __device__ __forceinline__ acc_t kernel_value(const scalar_t* features, int64_t 
 template <typename scalar_t, typename acc_t>
 __global__ void forward_kernel(const scalar_t* q, const scalar_t* features, scalar_t* output, Geometry g,
                                int64_t total) {
-  const int64_t pixels = g.height * g.width;
+  const int64_t pixels = g.pixels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = i / pixels, p = i % pixels, y = p / g.width, x = p % g.width;
     const scalar_t* f_b = features + b * g.n_features * pixels;
@@ -65,7 +63,7 @@ __global__ void forward_kernel(const scalar_t* q, const scalar_t* features, scal
 template <typename scalar_t, typename acc_t>
 __global__ void features_backward_kernel(const scalar_t* grad, const scalar_t* q, const scalar_t* features,
                                          acc_t* grad_features, Geometry g, int64_t total) {
-  const int64_t pixels = g.height * g.width;
+  const int64_t pixels = g.pixels();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = i / pixels, p = i % pixels, y = p / g.width, x = p % g.width;
     const scalar_t* f_b = features + b * g.n_features * pixels;
@@ -96,16 +94,6 @@ __global__ void features_backward_kernel(const scalar_t* grad, const scalar_t* q
 int blocks_for(int64_t total) {
   const int64_t wanted = (total + kThreads - 1) / kThreads;
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(wanted, 1), 65535 * 8));
-}
-
-Geometry check_inputs(const at::Tensor& q, const at::Tensor& features, int64_t filter_size) {
-  TORCH_CHECK(q.dim() == 4 && features.dim() == 4, "gaussian_message: expected q (B,C,H,W), features (B,F,H,W)");
-  TORCH_CHECK(q.is_contiguous() && features.is_contiguous(), "gaussian_message: inputs must be contiguous");
-  TORCH_CHECK(q.scalar_type() == features.scalar_type(), "gaussian_message: q and features must share a dtype");
-  TORCH_CHECK(q.size(0) == features.size(0) && q.size(2) == features.size(2) && q.size(3) == features.size(3),
-              "gaussian_message: q and features must share batch and spatial size");
-  TORCH_CHECK(filter_size >= 3 && filter_size % 2 == 1, "gaussian_message: filter_size must be odd and >= 3");
-  return {q.size(1), features.size(1), q.size(2), q.size(3), filter_size / 2};
 }
 
 at::Tensor gaussian_message_cuda(const at::Tensor& q, const at::Tensor& features, int64_t filter_size) {
