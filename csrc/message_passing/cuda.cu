@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common.h"
 
@@ -38,6 +39,17 @@ __device__ void warp_argmin(scalar_t& value, int& index) {
       value = other_value;
       index = other_index;
     }
+  }
+}
+
+// a * b rounded on its own, as the CPU kernels (built without FMA contraction) round it: nvcc would otherwise fuse
+// the product into the addition that follows, and a near-tie of the min-convolution could pick another label.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t product(scalar_t a, scalar_t b) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
   }
 }
 
@@ -157,7 +169,7 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
       scalar_t h_min = 0;
       int best = 0;
       if (grid.kind == kPotts) array_argmin(h, L, h_min, best, red_v, red_i);
-      const scalar_t jump = h_min + w * v_r[1];  // Potts
+      const scalar_t jump = h_min + product(w, v_r[1]);  // Potts
       for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
         scalar_t value;
         int arg;
@@ -166,10 +178,10 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
           value = stay ? h[l] : jump;
           arg = stay ? static_cast<int>(l) : best;
         } else {  // dense min-convolution (truncated linear included: O(L) per thread)
-          value = h[0] + w * v_r[l];
+          value = h[0] + product(w, v_r[l]);
           arg = 0;
           for (int64_t m = 1; m < L; ++m) {
-            const scalar_t c = h[m] + w * v_r[m * L + l];
+            const scalar_t c = h[m] + product(w, v_r[m * L + l]);
             if (c < value) {
               value = c;
               arg = static_cast<int>(m);
@@ -231,10 +243,10 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
       if (method == kTRWP) {
         scalar_t* c = state.common + off;
         scalar_t* e_r = state.extra + r * N * L + off;
-        const scalar_t from_sender = carry ? rho * gs[l] : scalar_t(0);
-        g[l] = c[l] + e_r[l] + from_sender;
-        c[l] += from_sender;
-        e_r[l] = -c[l];
+        const scalar_t updated = c[l] + (carry ? rho * gs[l] : scalar_t(0));  // the CPU's order of the sums
+        g[l] = updated + e_r[l];
+        c[l] = updated;
+        e_r[l] = -updated;
         if (carry) state.extra[(r ^ 1) * N * L + off + l] -= gs[l];
       } else if (method == kISGMR) {
         const scalar_t from_sender = carry ? gs[l] : scalar_t(0);
