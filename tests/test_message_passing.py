@@ -320,15 +320,21 @@ EXACT_LABELS = (2, 19, 32, 33, 64, 96, 100, 128, 130, 200, 256, 300)
 
 
 def exact_inputs(n_labels: int, dtype: torch.dtype, seed: int):
-    """Integer unary (2, L, 5, 6) and dense pairwise matrix, a Potts matrix of cost 2, and edge weights in {0.5, 1, 2}
-    for 16 directions (take the first D/2 offsets): every product in a sweep is exact, and in EXACT_RUNS every sum
-    too, so any two correct kernels agree bit for bit."""
+    """Integer unary (2, L, 5, 6), pairwise matrices by kind (a dense integer matrix, Potts of cost 2, truncated
+    linear min(d, 4), truncated quadratic min(d^2, 16)) and edge weights in {0.5, 1, 2} for 16 directions (take the
+    first D/2 offsets): every product in a sweep is exact, and in EXACT_RUNS every sum too, so any two correct kernels
+    agree bit for bit."""
     gen = torch.Generator().manual_seed(seed)
     unary = torch.randint(0, 6, (2, n_labels, 5, 6), generator=gen).to(dtype)
-    dense = torch.randint(0, 4, (n_labels, n_labels), generator=gen).to(dtype)
-    potts = Pairwise("potts", 2.0)
+    matrices = {_GENERAL: torch.randint(0, 4, (n_labels, n_labels), generator=gen).to(dtype)}
+    for pairwise in (
+        Pairwise("potts", 2.0),
+        Pairwise("truncated_linear", 1.0, 4.0),
+        Pairwise("truncated_quadratic", 1.0, 16.0),
+    ):
+        matrices[_pairwise_kind(pairwise)] = pairwise.matrix(n_labels, dtype=dtype)
     weights = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)[torch.randint(0, 3, (2, 8, 5, 6), generator=gen)]
-    return unary, {_pairwise_kind(potts): potts.matrix(n_labels, dtype=dtype), _GENERAL: dense}, weights
+    return unary, matrices, weights
 
 
 def forward_and_backward(unary, matrix, weights, grad_costs, method_id, n_directions, n_iterations, kind):
@@ -372,9 +378,9 @@ def test_exact_inputs_are_exact_in_float32(n_labels):
 @pytest.mark.cuda
 @pytest.mark.parametrize("n_labels", EXACT_LABELS)
 def test_cuda_sweeps_equal_cpu_bitwise(n_labels):
-    """On exact inputs the CUDA sweeps (one warp per scanline up to 256 labels, 1, 2, 3, 4, 6 or 8 labels per lane;
-    a block per scanline above) give the CPU's costs, stored argmins p, q and gradients bit for bit, ties included:
-    float32 (warp reductions) and float64 (shuffles), Potts and a dense matrix, every method."""
+    """On exact inputs the CUDA sweeps give the CPU's costs, stored argmins p, q and gradients bit for bit, ties
+    included, at label counts on both sides of the kernels' per-warp and per-block boundaries and of the uint8
+    indices' limit: float32 and float64, every pairwise kind, every method."""
     for dtype in (torch.float32, F64):
         on_cpu, on_gpu = exact_run(n_labels, dtype, n_labels), exact_run(n_labels, dtype, n_labels, "cuda")
         for run, outputs in on_gpu.items():
