@@ -314,7 +314,16 @@ def test_cuda_unary_gradient_without_parameter_gradients(method):
 # (method id, directions, iterations) whose sums stay exact on exact_inputs: ISGMR and SGM add integers and halves;
 # TRWP scales by rho = 2 / D, whose fractions outgrow float32 beyond one iteration of 4 directions, and runs on the
 # image's top-left 4 x 4 pixels (on 5 x 6 its pairwise gradient needs 25 significant bits at 256 labels)
-EXACT_RUNS = ((0, 8, 2), (0, 16, 2), (1, 4, 1), (2, 4, 2), (2, 16, 2))
+EXACT_RUNS = tuple(
+    (_METHOD_IDS[method], n_directions, n_iterations)
+    for method, n_directions, n_iterations in (
+        ("isgmr", 8, 2),
+        ("isgmr", 16, 2),
+        ("trwp", 4, 1),
+        ("sgm", 4, 2),
+        ("sgm", 16, 2),
+    )
+)
 EXACT_BITS = 20  # what the outputs of the exact runs may need: float32's 24 leave partial sums 16x that room
 EXACT_LABELS = (2, 19, 32, 33, 64, 96, 100, 128, 130, 200, 256, 300)
 
@@ -391,14 +400,14 @@ def test_cuda_sweeps_equal_cpu_bitwise(n_labels):
 @pytest.mark.cuda
 def test_cuda_float32_matches_cpu():
     """float32 on random (tie-free) inputs, TRWP over 16 directions and two iterations (rho = 1/8: float32 rounds),
-    96 labels (three per lane), Potts and a dense matrix: costs and gradients equal the CPU's to rounding."""
+    96 labels, Potts and a dense matrix: costs and gradients equal the CPU's to rounding."""
     unary, matrix, weights = (t.float() for t in random_inputs(7, 2, 96, 9, 11, 16))
     grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(7))
     potts = Pairwise("potts", 1.0)
     for kind, pairwise in ((_pairwise_kind(potts), potts.matrix(96)), (_GENERAL, matrix)):
         tensors = (unary, pairwise, weights, grad_costs)
-        on_cpu = forward_and_backward(*tensors, 1, 16, 2, kind)
-        on_gpu = forward_and_backward(*(t.cuda() for t in tensors), 1, 16, 2, kind)
+        on_cpu = forward_and_backward(*tensors, _METHOD_IDS["trwp"], 16, 2, kind)
+        on_gpu = forward_and_backward(*(t.cuda() for t in tensors), _METHOD_IDS["trwp"], 16, 2, kind)
         for index in (0, 3, 4, 5):  # costs and the three gradients
             torch.testing.assert_close(on_gpu[index].cpu(), on_cpu[index], rtol=1e-4, atol=1e-4)
 
