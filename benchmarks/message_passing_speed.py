@@ -5,9 +5,9 @@ reference.
     python benchmarks/message_passing_speed.py [--device cpu|cuda]
         [--pairwise potts|truncated_linear|truncated_quadratic|matrix]
         [--labels 32 96] [--directions 4 8 16] [--methods trwp isgmr meanfield] [--reference-directions 4]
-        [--repeats 3] [--profile]
+        [--repeats 3] [--profile] [--cuda-block-sweeps]
 
-The forms take the kernels' O(L) paths (truncated quadratic: on the CPU; CUDA runs it as a matrix); ``matrix``
+The forms take the kernels' O(L) paths (on CUDA: the band of the warp sweeps up to 256 labels); ``matrix``
 is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation 16) given as an (L, L) matrix,
 which takes the O(L^2) min-convolution. The reference is slow (a Python loop over image rows), so it is timed
 once and only at ``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices
@@ -15,12 +15,15 @@ once and only at ``--reference-directions``. "stored" is the backward's state: f
 iteration, one float32 per label, pixel and iteration. Prints a markdown table (seconds on the CPU,
 milliseconds on a GPU) and writes benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
 ``--profile`` first prints the torch profiler's table of one forward and backward of the first method /
-directions / labels (per-kernel times).
+directions / labels (per-kernel times). ``--cuda-block-sweeps`` times the CUDA block sweeps (one block per
+scanline) at every label count instead of the warp sweeps up to 256 labels (APP_CUDA_BLOCK_SWEEPS=1); the JSON
+name then ends in ``_block``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from common import machine, markdown_table, save_json, timed
@@ -105,7 +108,12 @@ def main() -> None:
     parser.add_argument("--reference-directions", type=int, nargs="*", default=[4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the first configuration")
+    parser.add_argument(
+        "--cuda-block-sweeps", action="store_true", help="CUDA block sweeps at every label count"
+    )
     args = parser.parse_args()
+    if args.cuda_block_sweeps:
+        os.environ["APP_CUDA_BLOCK_SWEEPS"] = "1"
 
     if args.profile:
         print_profile(args)
@@ -159,10 +167,12 @@ def main() -> None:
         "speed-up",
         "stored (MiB)",
     ]
-    print(f"{HEIGHT}x{WIDTH}, {ITERATIONS} iterations, {args.pairwise} pairwise, {machine()}\n")
+    sweeps = ", CUDA block sweeps" if args.cuda_block_sweeps else ""
+    print(f"{HEIGHT}x{WIDTH}, {ITERATIONS} iterations, {args.pairwise} pairwise{sweeps}, {machine()}\n")
     print(markdown_table(headers, rows))
     path = save_json(
-        f"message_passing_speed_{args.device}_{args.pairwise}_L{'-'.join(map(str, args.labels))}",
+        f"message_passing_speed_{args.device}_{args.pairwise}_L{'-'.join(map(str, args.labels))}"
+        + ("_block" if args.cuda_block_sweeps else ""),
         {"machine": machine(), "pairwise": args.pairwise, "size": [HEIGHT, WIDTH], "results": results},
     )
     print(f"\nwrote {path}")

@@ -31,6 +31,8 @@ status=${PIPESTATUS[0]}
 for bench in "message_passing_speed.py --device cuda --labels 32 96 --reference-directions --profile" \
   "message_passing_speed.py --device cuda --labels 32 --methods trwp isgmr --directions 4 --repeats 1" \
   "message_passing_speed.py --device cuda --labels 32 96 --methods trwp isgmr --directions 4 \
+    --reference-directions --cuda-block-sweeps" \
+  "message_passing_speed.py --device cuda --labels 32 96 --methods trwp isgmr --directions 4 \
     --pairwise truncated_linear --reference-directions" \
   "convcrf.py --device cuda --images 8" "segment_mean.py --device cuda"; do
   echo "== benchmarks/$bench"

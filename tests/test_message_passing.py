@@ -346,15 +346,18 @@ def exact_inputs(n_labels: int, dtype: torch.dtype, seed: int):
     return unary, matrices, weights
 
 
-def forward_and_backward(unary, matrix, weights, grad_costs, method_id, n_directions, n_iterations, kind):
-    """The compiled ops' raw outputs: costs, p, q, then the unary, pairwise and edge-weight gradients."""
+def forward_and_backward(
+    unary, matrix, weights, grad_costs, method_id, n_directions, n_iterations, kind, ops=torch.ops.app
+):
+    """The compiled ops' raw outputs (the ops of library ``ops``): costs, p, q, then the unary, pairwise and
+    edge-weight gradients."""
     options = (method_id, n_directions, n_iterations, kind)
-    costs, p, q = torch.ops.app.message_passing(unary, matrix, weights, *options)
-    grads = torch.ops.app.message_passing_backward(grad_costs, matrix, weights, p, q, *options, True, True)
+    costs, p, q = ops.message_passing(unary, matrix, weights, *options)
+    grads = ops.message_passing_backward(grad_costs, matrix, weights, p, q, *options, True, True)
     return (costs, p, q, *grads)
 
 
-def exact_run(n_labels: int, dtype: torch.dtype, seed: int, device: str = "cpu"):
+def exact_run(n_labels: int, dtype: torch.dtype, seed: int, device: str = "cpu", ops=torch.ops.app):
     """forward_and_backward of every exact run and pairwise kind on exact_inputs with integer output gradients in
     [-2, 2]: {(kind, method id, directions, iterations): outputs}."""
     unary, matrices, weights = exact_inputs(n_labels, dtype, seed)
@@ -366,7 +369,7 @@ def exact_run(n_labels: int, dtype: torch.dtype, seed: int, device: str = "cpu")
             if method_id == _METHOD_IDS["trwp"]:
                 tensors = tuple(t if t.dim() == 2 else t[..., :4, :4].contiguous() for t in tensors)
             runs[kind, method_id, n_directions, n_iterations] = forward_and_backward(
-                *(t.to(device) for t in tensors), method_id, n_directions, n_iterations, kind
+                *(t.to(device) for t in tensors), method_id, n_directions, n_iterations, kind, ops
             )
     return runs
 

@@ -12,6 +12,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -26,7 +29,7 @@ namespace message_passing {
 
 constexpr int kMaxThreads = 256;
 
-int threads_for(int64_t n_labels) {
+inline int threads_for(int64_t n_labels) {
   int threads = 32;
   while (threads < n_labels && threads < kMaxThreads) threads *= 2;
   return threads;
@@ -162,7 +165,7 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
       const scalar_t w = grid.weights[grid.weight_slot(r, b, prev, pix)];
       for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
         if (method == kTRWP) {
-          h[l] = rho * total[joff + l] - m_opp[joff + l];
+          h[l] = product(rho, total[joff + l]) - m_opp[joff + l];
         } else if (method == kISGMR) {
           h[l] = total[joff + l] - old_r[joff + l] - m_opp[joff + l] + m_r[joff + l];
         } else {
@@ -247,7 +250,7 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
       if (method == kTRWP) {
         scalar_t* c = state.common + off;
         scalar_t* e_r = state.extra + r * N * L + off;
-        const scalar_t updated = c[l] + (carry ? rho * gs[l] : scalar_t(0));  // the CPU's order of the sums
+        const scalar_t updated = c[l] + (carry ? product(rho, gs[l]) : scalar_t(0));  // the CPU's order of the sums
         g[l] = updated + e_r[l];
         c[l] = updated;
         e_r[l] = -updated;
@@ -280,7 +283,7 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
       const int64_t m = static_cast<int64_t>(p[off + l]);
       atomicAdd(gs + m, g[l]);
-      weight_grad += g[l] * v_r[m * L + l];
+      weight_grad += product(g[l], v_r[m * L + l]);
       if (gv_r != nullptr) atomicAdd(gv_r + m * L + l, w * g[l]);
     }
     weight_grad = block_sum(weight_grad, red_v);  // also publishes gs
@@ -288,9 +291,492 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
   }
 }
 
+// ---- Warp sweeps, up to kWarpMaxLabels labels (uint8 indices): one warp per scanline, lane j holding the labels
+// j + 32 k, k < K, in registers; kWarpsPerBlock scanlines per block, no block barrier. The recursion's only
+// dependency is the previous pixel's message, which stays in registers, so every other input of a pixel (totals,
+// messages, edge weight; in the backward the gradient buffers and stored indices) is loaded kRing pixels ahead into
+// a register ring and is there when the step needs it. Argmins: a lane's first best label, then the warp's (float
+// by two __reduce_min_sync on an order-preserving key, double by shuffles); ties go to the lowest label, as on the
+// CPU. Dense and banded min-convolutions read the sender costs from a per-warp shared row.
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int64_t kWarpMaxLabels = 256;
+
+// Labels per lane for n_labels <= kWarpMaxLabels: the kernels are instantiated for K in {1, 2, 3, 4, 6, 8}.
+inline int labels_per_lane(int64_t n_labels) {
+  const int k = static_cast<int>((n_labels + 31) / 32);
+  return k <= 4 ? k : (k <= 6 ? 6 : 8);
+}
+
+// Pixels whose inputs are in flight: deeper for few registers per pixel.
+template <typename scalar_t, int K>
+constexpr int ring_depth() {
+  return K * sizeof(scalar_t) <= 8 ? 4 : 2;
+}
+
+// Number of pixels of the scanline from (y0, x0) with step (dy, dx).
+__device__ __forceinline__ int64_t chain_length(int64_t y0, int64_t x0, int64_t dy, int64_t dx, int64_t height,
+                                                int64_t width) {
+  const int64_t rows = dy > 0 ? (height - 1 - y0) / dy + 1 : dy < 0 ? y0 / -dy + 1 : height + width;
+  const int64_t cols = dx > 0 ? (width - 1 - x0) / dx + 1 : dx < 0 ? x0 / -dx + 1 : height + width;
+  return rows < cols ? rows : cols;
+}
+
+// Order-preserving key of a float (x < y iff key(x) < key(y)); -0 and +0 share one key.
+__device__ __forceinline__ unsigned int order_key(float value) {
+  const unsigned int bits = __float_as_uint(value == 0.0f ? 0.0f : value);
+  return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
+}
+
+// (min, first argmin) over the warp's labels of a row held K per lane (label lane + 32 k); every lane gets it.
+template <int K>
+__device__ __forceinline__ void row_argmin(const float (&row)[K], int lane, float& low, int& label) {
+  low = row[0];
+  label = lane;
+#pragma unroll
+  for (int k = 1; k < K; ++k) {
+    if (row[k] < low) {
+      low = row[k];
+      label = lane + 32 * k;
+    }
+  }
+  const unsigned int key = order_key(low), low_key = __reduce_min_sync(0xffffffffu, key);
+  label = static_cast<int>(__reduce_min_sync(0xffffffffu, key == low_key ? static_cast<unsigned int>(label) : ~0u));
+  low = __shfl_sync(0xffffffffu, low, label % 32);
+}
+
+template <int K>
+__device__ __forceinline__ void row_argmin(const double (&row)[K], int lane, double& low, int& label) {
+  low = row[0];
+  label = lane;
+#pragma unroll
+  for (int k = 1; k < K; ++k) {
+    if (row[k] < low) {
+      low = row[k];
+      label = lane + 32 * k;
+    }
+  }
+  warp_argmin(low, label);
+}
+
+// Sum over the warp's labels of a row held K per lane, in the same order on every lane.
+template <typename scalar_t, int K>
+__device__ __forceinline__ scalar_t row_sum(const scalar_t (&row)[K]) {
+  scalar_t partial = row[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) partial += row[k];
+  return warp_sum(partial);
+}
+
+template <typename scalar_t, int K>
+__device__ __forceinline__ void load_row(const scalar_t* source, int lane, int64_t n_labels, scalar_t (&row)[K],
+                                         scalar_t fill) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) row[k] = lane + 32 * k < n_labels ? source[lane + 32 * k] : fill;
+}
+
+template <typename scalar_t, typename value_t, int K>
+__device__ __forceinline__ void store_row(scalar_t* target, int lane, int64_t n_labels, const value_t (&row)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (lane + 32 * k < n_labels) target[lane + 32 * k] = static_cast<scalar_t>(row[k]);
+  }
+}
+
+// The inputs of one forward step at pixel t, loaded ahead: a = TRWP / ISGMR total, SGM unary; o = TRWP's latest
+// and ISGMR's old opposite message, SGM's output so far; m = the message of direction r there before this sweep;
+// w = the edge weight from the predecessor.
+template <typename scalar_t, int K>
+struct ForwardInputs {
+  scalar_t a[K], o[K], m[K];
+  scalar_t w;
+};
+
+// u(lambda) = min_mu h(mu) + w V_r(mu, lambda) and its first argmin for the warp's labels, h in the warp's shared
+// row: dense (reach < 0) or, for V_r(mu, lambda) = V(0, |mu - lambda|) capped at V(0, L-1) beyond `reach`, the band
+// |mu - lambda| <= reach plus the warp's (min, first argmin) of the capped costs h(mu) + w V(0, L-1), compared
+// lexicographically: the capped costs are at least the band's inside it, so values and argmins are the dense ones.
+template <typename scalar_t, int K>
+__device__ __forceinline__ void warp_min_convolve(const scalar_t* h_row, const scalar_t (&h)[K], int lane,
+                                                  int64_t n_labels, scalar_t w, const scalar_t* v_r, int64_t reach,
+                                                  scalar_t (&u)[K], int (&arg)[K]) {
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  if (reach < 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t l = lane + 32 * k;
+      u[k] = inf;
+      arg[k] = 0;
+      if (l >= n_labels) continue;
+      u[k] = h_row[0] + product(w, v_r[l]);
+      for (int64_t m = 1; m < n_labels; ++m) {
+        const scalar_t c = h_row[m] + product(w, v_r[m * n_labels + l]);
+        if (c < u[k]) {
+          u[k] = c;
+          arg[k] = static_cast<int>(m);
+        }
+      }
+    }
+    return;
+  }
+  scalar_t far_low = inf;
+  int far_label = 0;
+  if (reach < n_labels - 1) {
+    const scalar_t far_cost = product(w, v_r[n_labels - 1]);
+    scalar_t capped[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) capped[k] = lane + 32 * k < n_labels ? h[k] + far_cost : inf;
+    row_argmin(capped, lane, far_low, far_label);
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t l = lane + 32 * k;
+    u[k] = inf;
+    arg[k] = 0;
+    if (l >= n_labels) continue;
+    const int64_t first = l - reach > 0 ? l - reach : 0, last = l + reach < n_labels - 1 ? l + reach : n_labels - 1;
+    for (int64_t m = first; m <= last; ++m) {
+      const scalar_t c = h_row[m] + product(w, v_r[m > l ? m - l : l - m]);
+      if (c < u[k]) {
+        u[k] = c;
+        arg[k] = static_cast<int>(m);
+      }
+    }
+    if (far_low < u[k] || (far_low == u[k] && far_label < arg[k])) {
+      u[k] = far_low;
+      arg[k] = far_label;
+    }
+  }
+}
+
+// Forward sweep of direction r over its scanlines, one warp each (Alg. 1-2 lines 3-11; SGM Eq. 3.3); the same
+// arithmetic as forward_sweep_kernel and the CPU.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    warp_forward_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain, int64_t n_starts,
+                        const scalar_t* unary, scalar_t* total, const scalar_t* old_messages, scalar_t* messages,
+                        scalar_t* out, SweepIndices<uint8_t> idx) {
+  APP_DYNAMIC_SHARED(shared);
+  constexpr int kRing = ring_depth<scalar_t, K>();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t scanline = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (scanline >= grid.batch * n_starts) return;
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+  scalar_t* h_row = reinterpret_cast<scalar_t*>(shared) + warp * L;
+  const int64_t b = scanline / n_starts;
+  const int64_t start = chain_start(scanline % n_starts, grid.height, grid.width, chain.dy, chain.dx);
+  const int64_t y0 = start / grid.width, x0 = start % grid.width;
+  const int64_t length = chain_length(y0, x0, chain.dy, chain.dx, grid.height, grid.width);
+  scalar_t* m_r = messages + r * N * L;
+  const scalar_t* m_opp = method == kTRWP ? messages + (r ^ 1) * N * L : old_messages + (r ^ 1) * N * L;
+  const scalar_t* v_r = grid.v_r(r);
+  // The band of the capped kinds: the last d with V(0, d) below V(0, L-1) (-1: dense).
+  int64_t reach = -1;
+  if (grid.kind != kGeneral) {
+    int last = 0;
+    for (int64_t d = lane; d < L; d += 32) last = v_r[d] != v_r[L - 1] ? static_cast<int>(d) : last;
+    reach = __reduce_max_sync(0xffffffffu, last);
+  }
+  auto offset = [&](int64_t t) { return (b * grid.pixels() + (y0 + t * chain.dy) * grid.width + x0 + t * chain.dx) * L; };
+  auto load = [&](int64_t t, ForwardInputs<scalar_t, K>& in) {
+    if (t >= length) return;
+    const int64_t off = offset(t);
+    if (method == kSGM) {
+      load_row(unary + off, lane, L, in.a, inf);
+      load_row(out + off, lane, L, in.o, scalar_t(0));
+    } else {
+      load_row(total + off, lane, L, in.a, inf);
+      load_row(m_opp + off, lane, L, in.o, scalar_t(0));
+      load_row((method == kTRWP ? m_r : old_messages + r * N * L) + off, lane, L, in.m, scalar_t(0));
+    }
+    if (t > 0) {
+      const int64_t pixel = off / L - b * grid.pixels(), prev = pixel - chain.dy * grid.width - chain.dx;
+      in.w = grid.weights[grid.weight_slot(r, b, prev, pixel)];
+    }
+  };
+  // the predecessor's state: TRWP its updated total, ISGMR its total and old messages, every method its new message
+  scalar_t prev_total[K] = {}, prev_opp[K] = {}, prev_old[K] = {}, prev_new[K] = {};
+  ForwardInputs<scalar_t, K> ring[kRing];
+#pragma unroll
+  for (int s = 0; s < kRing; ++s) load(s, ring[s]);
+  for (int64_t t0 = 0; t0 < length; t0 += kRing) {
+#pragma unroll
+    for (int s = 0; s < kRing; ++s) {
+      const int64_t t = t0 + s;
+      if (t >= length) break;
+      ForwardInputs<scalar_t, K>& in = ring[s];
+      const int64_t off = offset(t), i = off / L;
+      scalar_t u[K];
+      int arg[K];
+      int q = 0;
+      if (t == 0 && method != kSGM) {  // first node: message 0
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          u[k] = 0;
+          arg[k] = 0;
+        }
+      } else {
+        scalar_t low;
+        if (t == 0) {  // SGM path start: the normalised unary
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            u[k] = in.a[k];
+            arg[k] = 0;
+          }
+          row_argmin(u, lane, low, q);
+        } else {
+          scalar_t h[K];
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            const bool label = lane + 32 * k < L;
+            if (method == kTRWP) {
+              h[k] = label ? product(rho, prev_total[k]) - prev_opp[k] : inf;
+            } else if (method == kISGMR) {
+              h[k] = label ? prev_total[k] - prev_old[k] - prev_opp[k] + prev_new[k] : inf;
+            } else {
+              h[k] = label ? prev_new[k] : inf;
+            }
+          }
+          if (grid.kind == kPotts && method != kSGM) {  // one argmin: min u = min h
+            int best;
+            row_argmin(h, lane, low, best);
+            const scalar_t jump = low + product(in.w, v_r[1]);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+              const int l = lane + 32 * k;
+              const bool stay = h[k] < jump || (h[k] == jump && l < best);
+              u[k] = stay ? h[k] : jump;
+              arg[k] = stay ? l : best;
+            }
+            q = jump == low ? 0 : best;
+          } else {
+            __syncwarp();  // the previous step's readers of h_row are done
+            store_row(h_row, lane, L, h);
+            __syncwarp();
+            warp_min_convolve(h_row, h, lane, L, in.w, v_r, reach, u, arg);
+            if (method == kSGM) {
+#pragma unroll
+              for (int k = 0; k < K; ++k) u[k] += in.a[k];
+            }
+            row_argmin(u, lane, low, q);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) u[k] -= low;  // Eq. 3.5
+      }
+      store_row(m_r + off, lane, L, u);
+      store_row(idx.p + off, lane, L, arg);
+      if (lane == 0) idx.q[i] = static_cast<uint8_t>(q);
+      if (method == kTRWP) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) prev_total[k] = t == 0 ? in.a[k] : in.a[k] + (u[k] - in.m[k]);
+        if (t > 0) store_row(total + off, lane, L, prev_total);
+      } else if (method == kISGMR) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          prev_total[k] = in.a[k];
+          prev_old[k] = in.m[k];
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < K; ++k) in.o[k] += u[k];
+        store_row(out + off, lane, L, in.o);
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        prev_opp[k] = in.o[k];
+        prev_new[k] = u[k];
+      }
+      load(t + kRing, in);
+    }
+  }
+}
+
+// The inputs of one backward step at pixel t, loaded ahead: TRWP C, E[r], E[r-]; ISGMR G[r/2], P[r/2]; SGM the
+// sweep output's gradient and the unary's; the stored argmins; the edge weight from the predecessor and its slot.
+template <typename scalar_t, int K>
+struct BackwardInputs {
+  scalar_t a[K], e[K], o[K];
+  uint8_t p[K];
+  int q;
+  scalar_t w;
+  int64_t slot;
+};
+
+// Backward sweep of direction r in reverse scan order (Alg. 3-4), one warp per scanline: the same sums as
+// backward_sweep_kernel; scatter through p in registers for Potts (every jump goes to one label), through the
+// warp's shared row otherwise.
+template <typename scalar_t, int K>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    warp_backward_kernel(Grid<scalar_t> grid, Method method, int64_t r, Chain chain, int64_t n_starts,
+                         BackwardState<scalar_t> state, int64_t n_accumulators, const uint8_t* p, const uint8_t* q) {
+  APP_DYNAMIC_SHARED(shared);
+  constexpr int kRing = ring_depth<scalar_t, K>();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t scanline = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  if (scanline >= grid.batch * n_starts) return;
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  scalar_t* gs_row = reinterpret_cast<scalar_t*>(shared) + warp * L;
+  const int64_t b = scanline / n_starts;
+  const int64_t start = chain_start(scanline % n_starts, grid.height, grid.width, chain.dy, chain.dx);
+  const int64_t y0 = start / grid.width, x0 = start % grid.width;
+  const int64_t length = chain_length(y0, x0, chain.dy, chain.dx, grid.height, grid.width);
+  const scalar_t* v_r = grid.v_r(r);
+  scalar_t* gv_r = state.grad_v == nullptr ? nullptr : state.grad_v + ((scanline % n_accumulators) * 2 + r % 2) * L * L;
+  const bool potts = grid.kind == kPotts;
+  scalar_t* a_base = method == kISGMR ? state.extra + (r / 2) * N * L : state.common;
+  scalar_t* e_base = method == kTRWP ? state.extra + r * N * L : method == kISGMR ? state.pending + (r / 2) * N * L
+                                                                                  : state.extra;
+  scalar_t* o_base = state.extra + (r ^ 1) * N * L;  // TRWP only
+  auto offset = [&](int64_t t) { return (b * grid.pixels() + (y0 + t * chain.dy) * grid.width + x0 + t * chain.dx) * L; };
+  auto load = [&](int64_t t, BackwardInputs<scalar_t, K>& in) {
+    if (t < 0) return;
+    const int64_t off = offset(t);
+    load_row(a_base + off, lane, L, in.a, scalar_t(0));
+    load_row(e_base + off, lane, L, in.e, scalar_t(0));
+    if (method == kTRWP) load_row(o_base + off, lane, L, in.o, scalar_t(0));
+    load_row(p + off, lane, L, in.p, uint8_t(0));
+    in.q = q[off / L];
+    if (t > 0) {
+      const int64_t pixel = off / L - b * grid.pixels(), prev = pixel - chain.dy * grid.width - chain.dx;
+      in.slot = grid.weight_slot(r, b, prev, pixel);
+      in.w = grid.weights[in.slot];
+    }
+  };
+  scalar_t carry[K];  // the gradient of the sender costs h_t, left by step t + 1
+#pragma unroll
+  for (int k = 0; k < K; ++k) carry[k] = 0;
+  BackwardInputs<scalar_t, K> ring[kRing];
+#pragma unroll
+  for (int s = 0; s < kRing; ++s) load(length - 1 - s, ring[s]);
+  for (int64_t t0 = length - 1; t0 >= 0; t0 -= kRing) {
+#pragma unroll
+    for (int s = 0; s < kRing; ++s) {
+      const int64_t t = t0 - s;
+      if (t < 0) break;
+      BackwardInputs<scalar_t, K>& in = ring[s];
+      const int64_t off = offset(t);
+      scalar_t g[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (method == kTRWP) {  // the CPU's order of the sums
+          const scalar_t c = in.a[k] + product(rho, carry[k]);
+          g[k] = c + in.e[k];
+          in.a[k] = c;
+          in.e[k] = -c;
+          in.o[k] = in.o[k] - carry[k];
+        } else if (method == kISGMR) {
+          g[k] = in.a[k] + carry[k];
+          in.e[k] += carry[k];
+        } else {
+          g[k] = in.a[k] + carry[k];
+        }
+      }
+      if (method == kTRWP) {
+        store_row(state.common + off, lane, L, in.a);
+        store_row(e_base + off, lane, L, in.e);
+        store_row(o_base + off, lane, L, in.o);
+      } else if (method == kISGMR) {
+        store_row(e_base + off, lane, L, in.e);
+      }
+      if (t == 0 && method != kSGM) break;  // constant first message
+      scalar_t masked[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) masked[k] = lane + 32 * k < L ? g[k] : scalar_t(0);
+      const scalar_t g_sum = row_sum(masked);
+#pragma unroll
+      for (int k = 0; k < K; ++k) g[k] -= lane + 32 * k == in.q ? g_sum : scalar_t(0);  // Eq. 3.5 through q
+      if (method == kSGM) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) in.e[k] += g[k];
+        store_row(e_base + off, lane, L, in.e);
+      }
+      if (t == 0) {
+        load(t - kRing, in);
+        continue;
+      }
+      scalar_t weight_grad = 0;
+      if (potts) {
+        scalar_t jumped = 0;
+        int target = -1;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int l = lane + 32 * k;
+          const bool label = l < L, stays = in.p[k] == l;
+          carry[k] = label && stays ? g[k] : scalar_t(0);
+          if (label && !stays) {
+            jumped += g[k];
+            target = in.p[k];
+            if (gv_r != nullptr) atomicAdd(gv_r + in.p[k] * L + l, product(in.w, g[k]));
+          } else if (label && gv_r != nullptr) {
+            atomicAdd(gv_r + l * L + l, product(in.w, g[k]));
+          }
+        }
+        const scalar_t to_target = warp_sum(jumped);
+        target = __reduce_max_sync(0xffffffffu, target);
+        if (target >= 0) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) carry[k] += lane + 32 * k == target ? to_target : scalar_t(0);
+          weight_grad = product(to_target, v_r[1]);
+        }
+      } else {
+        __syncwarp();  // the previous step's readers of gs_row are done
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (lane + 32 * k < L) gs_row[lane + 32 * k] = 0;
+        }
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int64_t l = lane + 32 * k;
+          if (l >= L) continue;
+          const int64_t m = in.p[k];
+          atomicAdd(gs_row + m, g[k]);
+          weight_grad += product(g[k], v_r[m * L + l]);
+          if (gv_r != nullptr) atomicAdd(gv_r + m * L + l, product(in.w, g[k]));
+        }
+        __syncwarp();
+        load_row(gs_row, lane, L, carry, scalar_t(0));
+        weight_grad = warp_sum(weight_grad);
+      }
+      if (lane == 0 && state.grad_weights != nullptr) state.grad_weights[in.slot] += weight_grad;
+      load(t - kRing, in);
+    }
+  }
+}
+
 template <typename Launch>
 struct Sweeps {
-  // The scan step of direction r and its number of scanlines (one block each, per image).
+  // Warp sweeps up to kWarpMaxLabels labels, block sweeps above; APP_CUDA_BLOCK_SWEEPS=1 takes the block sweeps at
+  // every label count (to compare the two).
+  static bool use_warp_sweeps(int64_t n_labels) {
+    const char* block = std::getenv("APP_CUDA_BLOCK_SWEEPS");
+    return n_labels <= kWarpMaxLabels && (block == nullptr || block[0] == '\0' || std::strcmp(block, "0") == 0);
+  }
+  static int64_t warp_blocks(int64_t n_scanlines) { return (n_scanlines + kWarpsPerBlock - 1) / kWarpsPerBlock; }
+  // body(std::integral_constant<int, K>{}) with K = labels_per_lane(n_labels)
+  template <typename Body>
+  static void with_labels_per_lane(int64_t n_labels, const Body& body) {
+    switch (labels_per_lane(n_labels)) {
+      case 1:
+        return body(std::integral_constant<int, 1>{});
+      case 2:
+        return body(std::integral_constant<int, 2>{});
+      case 3:
+        return body(std::integral_constant<int, 3>{});
+      case 4:
+        return body(std::integral_constant<int, 4>{});
+      case 6:
+        return body(std::integral_constant<int, 6>{});
+      default:
+        return body(std::integral_constant<int, 8>{});
+    }
+  }
+
+  // The scan step of direction r and its number of scanlines (one block or warp each, per image).
   static Chain chain_of(int64_t height, int64_t width, int64_t r, int64_t& n_starts) {
     Chain chain{0, 0};
     direction_step(r, chain.dy, chain.dx);
@@ -303,6 +789,16 @@ struct Sweeps {
                       const scalar_t* old_messages, scalar_t* messages, scalar_t* out, SweepIndices<index_t> idx) {
     int64_t n_starts = 0;
     const Chain chain = chain_of(grid.height, grid.width, r, n_starts);
+    if constexpr (std::is_same_v<index_t, uint8_t>) {
+      if (use_warp_sweeps(grid.n_labels)) {
+        with_labels_per_lane(grid.n_labels, [&](auto per_lane) {
+          Launch::run(warp_forward_kernel<scalar_t, decltype(per_lane)::value>, warp_blocks(grid.batch * n_starts),
+                      kWarpsPerBlock * 32, kWarpsPerBlock * grid.n_labels * sizeof(scalar_t), grid, method, r, chain,
+                      n_starts, unary, total, old_messages, messages, out, idx);
+        });
+        return;
+      }
+    }
     const int threads = threads_for(grid.n_labels), warps = threads / 32;
     const size_t shared = (2 * grid.n_labels + warps) * sizeof(scalar_t) + warps * sizeof(int);
     Launch::run(forward_sweep_kernel<scalar_t, index_t>, grid.batch * n_starts, threads, shared, grid, method, r,
@@ -314,6 +810,16 @@ struct Sweeps {
                        const index_t* p, const index_t* q) {
     int64_t n_starts = 0;
     const Chain chain = chain_of(grid.height, grid.width, r, n_starts);
+    if constexpr (std::is_same_v<index_t, uint8_t>) {
+      if (use_warp_sweeps(grid.n_labels)) {
+        with_labels_per_lane(grid.n_labels, [&](auto per_lane) {
+          Launch::run(warp_backward_kernel<scalar_t, decltype(per_lane)::value>, warp_blocks(grid.batch * n_starts),
+                      kWarpsPerBlock * 32, kWarpsPerBlock * grid.n_labels * sizeof(scalar_t), grid, method, r, chain,
+                      n_starts, state, accumulators(grid.n_labels), p, q);
+        });
+        return;
+      }
+    }
     const int threads = threads_for(grid.n_labels);
     const size_t shared = (2 * grid.n_labels + threads / 32) * sizeof(scalar_t);
     Launch::run(backward_sweep_kernel<scalar_t, index_t>, grid.batch * n_starts, threads, shared, grid, method, r,
@@ -362,9 +868,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sweeps_forward(const at::Tensor& 
                                                               const at::Tensor& edge_weights, int64_t method,
                                                               int64_t n_directions, int64_t n_iterations,
                                                               int64_t pairwise_kind) {
-  // The distance transform is sequential over labels; on the GPU truncated linear takes the dense path.
   return message_passing_forward<Sweeps<Launch>>(unary, pairwise, edge_weights, method, n_directions, n_iterations,
-                                                 pairwise_kind == kPotts ? kPotts : kGeneral);
+                                                 pairwise_kind);
 }
 
 template <typename Launch>

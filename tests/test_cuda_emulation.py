@@ -1,0 +1,200 @@
+"""The CUDA message-passing kernels run on the CPU through a host emulation of CUDA thread blocks
+(tests/emulation/gpu_emulator.h) and give the CPU op's outputs bit for bit on exact inputs; the emulator's own
+tests: warp intrinsics, scheduling order, poisoned shared memory, and the misuse it reports.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from test_message_passing import EXACT_LABELS, exact_run, forward_and_backward, random_inputs
+from torch.utils import cpp_extension
+
+from app.ops import Pairwise
+from app.ops.message_passing import _METHOD_IDS, _pairwise_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+EMULATION = ROOT / "tests" / "emulation"
+# the default run's label counts: one label past a warp; several labels per lane, 8 warps a block
+DEFAULT_LABELS = (33, 200)
+
+
+@pytest.fixture(scope="session")
+def emulated_ops(tmp_path_factory):
+    """Builds tests/emulation once (two translation units, 10-30 s): the libraries app_emulated and
+    app_emulator_test."""
+    cpp_extension.load(
+        name="app_cuda_emulation",
+        sources=[str(EMULATION / "message_passing.cpp"), str(EMULATION / "self_test.cpp")],
+        extra_cflags=["-O2", "-ffp-contract=off"],
+        extra_include_paths=[str(ROOT / "csrc")],
+        build_directory=str(tmp_path_factory.mktemp("cuda_emulation")),
+        is_python_module=False,
+    )
+    return torch.ops.app_emulated
+
+
+@pytest.fixture(scope="session")
+def test_ops(emulated_ops):
+    return torch.ops.app_emulator_test
+
+
+def _sweep_cases():
+    """(labels, sweeps): the warp sweeps (up to 256 labels) at DEFAULT_LABELS, the block sweeps
+    (APP_CUDA_BLOCK_SWEEPS=1; always above 256 labels) at 33; every other label count slow."""
+    for n_labels in EXACT_LABELS:
+        for sweeps in ("warp", "block") if n_labels <= 256 else ("block",):
+            default = n_labels in DEFAULT_LABELS if sweeps == "warp" else n_labels == 33
+            marks = () if default else (pytest.mark.slow,)
+            yield pytest.param(n_labels, sweeps, marks=marks, id=f"{sweeps}-{n_labels}")
+
+
+@pytest.mark.parametrize(("n_labels", "sweeps"), _sweep_cases())
+def test_emulated_cuda_sweeps_equal_cpu_bitwise(emulated_ops, monkeypatch, n_labels, sweeps):
+    """The CUDA kernels' costs, stored argmins p, q and three gradients equal the CPU op's, float32 and float64,
+    every pairwise kind and exact run (test_message_passing.test_cuda_sweeps_equal_cpu_bitwise without a GPU)."""
+    monkeypatch.setenv("APP_CUDA_BLOCK_SWEEPS", "1" if sweeps == "block" else "0")
+    for dtype in (torch.float32, torch.float64):
+        on_cpu = exact_run(n_labels, dtype, n_labels)
+        emulated = exact_run(n_labels, dtype, n_labels, ops=emulated_ops)
+        for run, outputs in emulated.items():
+            for got, expected in zip(outputs, on_cpu[run], strict=True):
+                assert torch.equal(got, expected), (dtype, run)
+
+
+@pytest.mark.parametrize("kind", ("potts", "truncated_linear", "truncated_quadratic", "matrix"))
+@pytest.mark.parametrize("method", ("trwp", "isgmr", "sgm"))
+def test_emulated_cuda_sweeps_match_cpu_on_random_inputs(emulated_ops, method, kind):
+    """Random float64 inputs (no ties), 16 directions, 2 iterations, 40 labels (two per lane, the second lane row
+    partial), batch 2, odd image sizes: costs and gradients equal the CPU op's to rounding, indices exactly."""
+    unary, matrix, weights = random_inputs(3, 2, 40, 7, 9, 16)
+    truncations = {"potts": None, "truncated_linear": 6.0, "truncated_quadratic": 30.0}
+    pairwise = matrix if kind == "matrix" else Pairwise(kind, 0.7, truncations[kind])
+    matrix = pairwise if kind == "matrix" else pairwise.matrix(40, dtype=torch.float64)
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tensors = (unary, matrix, weights, grad_costs, _METHOD_IDS[method], 16, 2, _pairwise_kind(pairwise))
+    on_cpu = forward_and_backward(*tensors)
+    emulated = forward_and_backward(*tensors, ops=emulated_ops)
+    for index, (got, expected) in enumerate(zip(emulated, on_cpu, strict=True)):
+        if index in (1, 2):
+            assert torch.equal(got, expected), index
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def intrinsic_inputs() -> torch.Tensor:
+    """64 values for two warps: warp 0 in [0, 100) with a 0, warp 1 in [1, 90)."""
+    rng = random.Random(5)
+    values = [rng.randrange(100) for _ in range(32)] + [rng.randrange(1, 90) for _ in range(32)]
+    values[3] = 0
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def bits(fmt: str, value: float) -> int:
+    """The bits of value in the struct format fmt ("f" or "d") as a signed integer."""
+    return struct.unpack("<" + {"f": "i", "d": "q"}[fmt], struct.pack("<" + fmt, value))[0]
+
+
+def expected_intrinsics(values: list[int]) -> list[list[int]]:
+    """Row t: what CUDA gives thread t in intrinsics_kernel (tests/emulation/self_test.cpp)."""
+    rows = []
+    for t, v in enumerate(values):
+        lane, warp = t % 32, values[t - t % 32 : t - t % 32 + 32]
+
+        def up(delta, width=32, lane=lane, warp=warp, v=v):
+            return warp[lane - delta] if lane % width >= delta else v
+
+        def down(delta, width=32, lane=lane, warp=warp, v=v):
+            return warp[lane + delta] if lane % width + delta < width else v
+
+        def xor(lane_mask, width=32, lane=lane, warp=warp, v=v):
+            source = lane ^ lane_mask
+            return warp[source] if source < lane - lane % width + width else v
+
+        half = warp[:16] if lane < 16 else warp[16:]
+        rows.append(
+            [
+                warp[lane * 7 % 32],
+                warp[lane - lane % 8 + 3],
+                xor(5),
+                xor(16, 16),
+                up(3),
+                up(2, 8),
+                down(3),
+                down(2, 8),
+                sum((w & 1) << i for i, w in enumerate(warp)),
+                int(any(w > 90 for w in warp)),
+                int(all(w > 0 for w in warp)),
+                sum(warp),
+                min(warp),
+                max(warp),
+                sum(1 << i for i, w in enumerate(warp) if w % 4 == v % 4),
+                sum(half) if lane < 16 else max(half),
+                bits("f", warp[lane ^ 1] * 0.5),
+                bits("d", down(1) * 0.25),
+                warp[31] << 33,
+                sum(1 << i for i, w in enumerate(warp) if w % 3 == v % 3),
+                (v & -v).bit_length(),
+                bin(v).count("1"),
+                32 - v.bit_length(),
+                int(f"{v:032b}"[::-1], 2),
+                ((v << 33) & -(v << 33)).bit_length(),
+                -1 if lane < 16 else warp[17],  # a source outside the mask reads all-ones bits
+                sum(values) if t == 0 else 0,
+            ]
+        )
+    return rows
+
+
+def test_warp_intrinsics_give_cudas_results(test_ops):
+    """Shuffles of every kind and width, votes, reductions (also by two half warps at once), match_any, bit
+    casts and bit functions, atomicAdd; a shuffle from a lane outside its mask reads poison."""
+    values = intrinsic_inputs()
+    assert test_ops.intrinsics(values).tolist() == expected_intrinsics(values.tolist())
+
+
+def test_scheduling_order_varies_and_interleaves_warps(test_ops):
+    """Warp 1 writes a shared row that warp 0 reads: ordered by __syncthreads every reader gets its value; with
+    only a __syncwarp in each warp some read before the write (poison, NaN), others after, in a pattern that
+    changes from block to block."""
+    expected = torch.arange(32, 64).float().expand(8, 32)
+    assert torch.equal(test_ops.exchange(8, True), expected)
+    racy = test_ops.exchange(8, False)
+    unwritten = racy.isnan()
+    assert torch.equal(racy[~unwritten], expected[~unwritten])
+    assert 0 < unwritten.sum() < unwritten.numel()
+    assert len({tuple(row) for row in unwritten.tolist()}) > 1
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_unwritten_shared_memory_reads_nan(test_ops, dtype):
+    """Shared memory is poisoned at the start of every block: block 1 does not see what block 0 wrote."""
+    out = test_ops.unwritten_shared(torch.empty(0, dtype=dtype))
+    assert torch.equal(out[0], torch.arange(32, dtype=dtype))
+    assert out[1].isnan().all()
+
+
+MISUSES = {  # misuse(which) of tests/emulation/self_test.cpp: what it raises
+    "divergent collectives": r"block 0, warp 0: lane \d+ calls __(shfl_sync<int>|ballot_sync)\(mask 0xffffffff\) while",
+    "exited lane in a mask": r"__syncwarp\(mask 0xffffffff\)",
+    "exit at a barrier": r"block 0, warp 0: thread \d+ exits while 1 threads wait at __syncthreads",
+    "mask without its caller": r"lane 0 calls __syncwarp\(mask 0x2\) that does not name it",
+    "deadlock": r"block 0: deadlock; 0 threads wait at __syncthreads; .*__shfl_sync<int>\(mask 0x3\)",
+    "no threads": r"1 to 1024 threads, not 0",
+    "1025 threads": r"1 to 1024 threads, not 1025",
+    "too much shared memory": r"49153 bytes of dynamic shared memory",
+}
+
+
+@pytest.mark.parametrize(("which", "message"), enumerate(MISUSES.values()), ids=MISUSES)
+def test_misuse_raises_and_the_emulator_recovers(test_ops, which, message):
+    """Divergent collectives, exited lanes in a mask, an exit while others wait at __syncthreads, a mask without
+    its caller, a deadlock and bad launch sizes raise RuntimeError; the next launch runs normally."""
+    with pytest.raises(RuntimeError, match=message):
+        test_ops.misuse(which)
+    values = intrinsic_inputs()
+    assert test_ops.intrinsics(values).tolist() == expected_intrinsics(values.tolist())
