@@ -296,8 +296,8 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
 // dependency is the previous pixel's message, which stays in registers, so every other input of a pixel (totals,
 // messages, edge weight; in the backward the gradient buffers and stored indices) is loaded kRing pixels ahead into
 // a register ring and is there when the step needs it. Argmins: a lane's first best label, then the warp's (float
-// by two __reduce_min_sync on an order-preserving key, double by shuffles); ties go to the lowest label, as on the
-// CPU. Dense and banded min-convolutions read the sender costs from a per-warp shared row.
+// by two warp minima (redux.sync) of an order-preserving key, double by shuffles); ties go to the lowest label, as
+// on the CPU. Dense and banded min-convolutions read the sender costs from a per-warp shared row.
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int64_t kWarpMaxLabels = 256;
@@ -314,12 +314,56 @@ constexpr int ring_depth() {
   return K * sizeof(scalar_t) <= 8 ? 4 : 2;
 }
 
-// Number of pixels of the scanline from (y0, x0) with step (dy, dx).
-__device__ __forceinline__ int64_t chain_length(int64_t y0, int64_t x0, int64_t dy, int64_t dx, int64_t height,
-                                                int64_t width) {
-  const int64_t rows = dy > 0 ? (height - 1 - y0) / dy + 1 : dy < 0 ? y0 / -dy + 1 : height + width;
-  const int64_t cols = dx > 0 ? (width - 1 - x0) / dx + 1 : dx < 0 ? x0 / -dx + 1 : height + width;
-  return rows < cols ? rows : cols;
+// The scanline that warp `index` of a sweep walks: its image b, first pixel (y0, x0) and length.
+struct Scanline {
+  int64_t b, y0, x0, length;
+  Chain chain;
+  int64_t width, pixels;
+
+  template <typename scalar_t>
+  __device__ Scanline(const Grid<scalar_t>& grid, Chain chain, int64_t n_starts, int64_t index)
+      : b(index / n_starts), chain(chain), width(grid.width), pixels(grid.pixels()) {
+    const int64_t start = chain_start(index % n_starts, grid.height, grid.width, chain.dy, chain.dx);
+    y0 = start / grid.width;
+    x0 = start % grid.width;
+    const int64_t unbounded = grid.height + grid.width;  // along an axis the step does not move on
+    const int64_t rows = chain.dy > 0   ? (grid.height - 1 - y0) / chain.dy + 1
+                         : chain.dy < 0 ? y0 / -chain.dy + 1
+                                        : unbounded;
+    const int64_t cols = chain.dx > 0   ? (grid.width - 1 - x0) / chain.dx + 1
+                         : chain.dx < 0 ? x0 / -chain.dx + 1
+                                        : unbounded;
+    length = rows < cols ? rows : cols;
+  }
+  // In-image index y W + x of pixel t.
+  __device__ int64_t pixel(int64_t t) const { return (y0 + t * chain.dy) * width + x0 + t * chain.dx; }
+  // Row of pixel t in a labels-last (B, H, W, L) buffer.
+  __device__ int64_t row(int64_t t) const { return b * pixels + pixel(t); }
+};
+
+// Warp-wide min / max of 32-bit integers: one redux.sync from sm_80 on, butterfly shuffles before.
+__device__ __forceinline__ unsigned int warp_min(unsigned int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const unsigned int other = __shfl_xor_sync(0xffffffffu, value, offset);
+    value = other < value ? other : value;
+  }
+  return value;
+#else
+  return __reduce_min_sync(0xffffffffu, value);
+#endif
+}
+
+__device__ __forceinline__ int warp_max(int value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const int other = __shfl_xor_sync(0xffffffffu, value, offset);
+    value = other > value ? other : value;
+  }
+  return value;
+#else
+  return __reduce_max_sync(0xffffffffu, value);
+#endif
 }
 
 // Order-preserving key of a float (x < y iff key(x) < key(y)); -0 and +0 share one key.
@@ -340,8 +384,8 @@ __device__ __forceinline__ void row_argmin(const float (&row)[K], int lane, floa
       label = lane + 32 * k;
     }
   }
-  const unsigned int key = order_key(low), low_key = __reduce_min_sync(0xffffffffu, key);
-  label = static_cast<int>(__reduce_min_sync(0xffffffffu, key == low_key ? static_cast<unsigned int>(label) : ~0u));
+  const unsigned int key = order_key(low), low_key = warp_min(key);
+  label = static_cast<int>(warp_min(key == low_key ? static_cast<unsigned int>(label) : ~0u));
   low = __shfl_sync(0xffffffffu, low, label % 32);
 }
 
@@ -465,10 +509,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
   const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   scalar_t* h_row = reinterpret_cast<scalar_t*>(shared) + warp * L;
-  const int64_t b = scanline / n_starts;
-  const int64_t start = chain_start(scanline % n_starts, grid.height, grid.width, chain.dy, chain.dx);
-  const int64_t y0 = start / grid.width, x0 = start % grid.width;
-  const int64_t length = chain_length(y0, x0, chain.dy, chain.dx, grid.height, grid.width);
+  const Scanline line(grid, chain, n_starts, scanline);
+  const int64_t length = line.length;
   scalar_t* m_r = messages + r * N * L;
   const scalar_t* m_opp = method == kTRWP ? messages + (r ^ 1) * N * L : old_messages + (r ^ 1) * N * L;
   const scalar_t* v_r = grid.v_r(r);
@@ -477,9 +519,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (grid.kind != kGeneral) {
     int last = 0;
     for (int64_t d = lane; d < L; d += 32) last = v_r[d] != v_r[L - 1] ? static_cast<int>(d) : last;
-    reach = __reduce_max_sync(0xffffffffu, last);
+    reach = warp_max(last);
   }
-  auto offset = [&](int64_t t) { return (b * grid.pixels() + (y0 + t * chain.dy) * grid.width + x0 + t * chain.dx) * L; };
+  auto offset = [&](int64_t t) { return line.row(t) * L; };
   auto load = [&](int64_t t, ForwardInputs<scalar_t, K>& in) {
     if (t >= length) return;
     const int64_t off = offset(t);
@@ -491,10 +533,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       load_row(m_opp + off, lane, L, in.o, scalar_t(0));
       load_row((method == kTRWP ? m_r : old_messages + r * N * L) + off, lane, L, in.m, scalar_t(0));
     }
-    if (t > 0) {
-      const int64_t pixel = off / L - b * grid.pixels(), prev = pixel - chain.dy * grid.width - chain.dx;
-      in.w = grid.weights[grid.weight_slot(r, b, prev, pixel)];
-    }
+    if (t > 0) in.w = grid.weights[grid.weight_slot(r, line.b, line.pixel(t - 1), line.pixel(t))];
   };
   // the predecessor's state: TRWP its updated total, ISGMR its total and old messages, every method its new message
   scalar_t prev_total[K] = {}, prev_opp[K] = {}, prev_old[K] = {}, prev_new[K] = {};
@@ -620,18 +659,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
   const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
   scalar_t* gs_row = reinterpret_cast<scalar_t*>(shared) + warp * L;
-  const int64_t b = scanline / n_starts;
-  const int64_t start = chain_start(scanline % n_starts, grid.height, grid.width, chain.dy, chain.dx);
-  const int64_t y0 = start / grid.width, x0 = start % grid.width;
-  const int64_t length = chain_length(y0, x0, chain.dy, chain.dx, grid.height, grid.width);
+  const Scanline line(grid, chain, n_starts, scanline);
+  const int64_t length = line.length;
   const scalar_t* v_r = grid.v_r(r);
-  scalar_t* gv_r = state.grad_v == nullptr ? nullptr : state.grad_v + ((scanline % n_accumulators) * 2 + r % 2) * L * L;
+  scalar_t* gv_r =
+      state.grad_v == nullptr ? nullptr : state.grad_v + ((scanline % n_accumulators) * 2 + r % 2) * L * L;
   const bool potts = grid.kind == kPotts;
   scalar_t* a_base = method == kISGMR ? state.extra + (r / 2) * N * L : state.common;
   scalar_t* e_base = method == kTRWP ? state.extra + r * N * L : method == kISGMR ? state.pending + (r / 2) * N * L
                                                                                   : state.extra;
   scalar_t* o_base = state.extra + (r ^ 1) * N * L;  // TRWP only
-  auto offset = [&](int64_t t) { return (b * grid.pixels() + (y0 + t * chain.dy) * grid.width + x0 + t * chain.dx) * L; };
+  auto offset = [&](int64_t t) { return line.row(t) * L; };
   auto load = [&](int64_t t, BackwardInputs<scalar_t, K>& in) {
     if (t < 0) return;
     const int64_t off = offset(t);
@@ -641,8 +679,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     load_row(p + off, lane, L, in.p, uint8_t(0));
     in.q = q[off / L];
     if (t > 0) {
-      const int64_t pixel = off / L - b * grid.pixels(), prev = pixel - chain.dy * grid.width - chain.dx;
-      in.slot = grid.weight_slot(r, b, prev, pixel);
+      in.slot = grid.weight_slot(r, line.b, line.pixel(t - 1), line.pixel(t));
       in.w = grid.weights[in.slot];
     }
   };
@@ -716,7 +753,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           }
         }
         const scalar_t to_target = warp_sum(jumped);
-        target = __reduce_max_sync(0xffffffffu, target);
+        target = warp_max(target);
         if (target >= 0) {
 #pragma unroll
           for (int k = 0; k < K; ++k) carry[k] += lane + 32 * k == target ? to_target : scalar_t(0);
