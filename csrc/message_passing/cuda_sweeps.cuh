@@ -372,6 +372,11 @@ __device__ __forceinline__ unsigned int order_key(float value) {
   return (bits & 0x80000000u) != 0 ? ~bits : bits | 0x80000000u;
 }
 
+// The float of an order key (a zero comes back as +0).
+__device__ __forceinline__ float from_order_key(unsigned int key) {
+  return __uint_as_float((key & 0x80000000u) != 0 ? key & 0x7fffffffu : ~key);
+}
+
 // (min, first argmin) over the warp's labels of a row held K per lane (label lane + 32 k); every lane gets it.
 template <int K>
 __device__ __forceinline__ void row_argmin(const float (&row)[K], int lane, float& low, int& label) {
@@ -385,8 +390,8 @@ __device__ __forceinline__ void row_argmin(const float (&row)[K], int lane, floa
     }
   }
   const unsigned int key = order_key(low), low_key = warp_min(key);
+  low = from_order_key(low_key);  // now, not by a shuffle after the label's reduction: it is on the critical path
   label = static_cast<int>(warp_min(key == low_key ? static_cast<unsigned int>(label) : ~0u));
-  low = __shfl_sync(0xffffffffu, low, label % 32);
 }
 
 template <int K>
