@@ -25,11 +25,13 @@ DEFAULT_LABELS = (33, 200)
 
 @pytest.fixture(scope="session")
 def emulated_ops(tmp_path_factory):
-    """Builds tests/emulation once (two translation units, 10-30 s): the libraries app_emulated and
+    """Builds tests/emulation once (three translation units, 10-30 s): the libraries app_emulated and
     app_emulator_test."""
     cpp_extension.load(
         name="app_cuda_emulation",
-        sources=[str(EMULATION / "message_passing.cpp"), str(EMULATION / "self_test.cpp")],
+        sources=[
+            str(EMULATION / name) for name in ("message_passing.cpp", "segment_mean.cpp", "self_test.cpp")
+        ],
         extra_cflags=["-O2", "-ffp-contract=off"],
         extra_include_paths=[str(ROOT / "csrc")],
         build_directory=str(tmp_path_factory.mktemp("cuda_emulation")),
@@ -84,6 +86,39 @@ def test_emulated_cuda_sweeps_match_cpu_on_random_inputs(emulated_ops, method, k
             assert torch.equal(got, expected), index
         else:
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _segment_cases():
+    """(name, values, segments): superpixel-like blocks (runs of one id along rows) with a size that leaves a
+    partial block of threads, random ids (runs of one pixel), one segment; float16/32/64, batch 1-2."""
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = torch.arange(37)[:, None], torch.arange(45)[None, :]
+    blocks = (rows // 6 * 8 + cols // 6).expand(2, 37, 45).clone()
+    blocks[1] = blocks[1].flip(-1) + 3  # other ids, runs ending at other lanes
+    yield "blocks", torch.randn(2, 5, 37, 45, generator=gen), blocks
+    yield (
+        "random ids",
+        torch.randn(1, 3, 20, 30, generator=gen, dtype=torch.float64),
+        torch.randint(0, 50, (1, 20, 30), generator=gen),
+    )
+    yield (
+        "one segment",
+        torch.randn(1, 4, 9, 40, generator=gen).half(),
+        torch.zeros(1, 9, 40, dtype=torch.int64),
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "segments"), _segment_cases(), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_emulated_cuda_segment_mean_matches_cpu(emulated_ops, name, values, segments):
+    """The CUDA segment mean (a segmented warp scan per run of one id, one atomic per run) gives the CPU op's
+    means to rounding (sums in another order), with ids up to num_segments unused."""
+    num_segments = int(segments.max()) + 4
+    got = emulated_ops.segment_mean(values, segments, num_segments)
+    expected = torch.ops.app.segment_mean(values, segments, num_segments)
+    assert got.dtype == values.dtype
+    torch.testing.assert_close(got, expected)
 
 
 def intrinsic_inputs() -> torch.Tensor:
