@@ -378,9 +378,9 @@ __device__ __forceinline__ float from_order_key(unsigned int key) {
 }
 
 // (min, first argmin) over the warp's labels of a row held K per lane (label lane + 32 k); every lane gets it.
-template <int K>
-__device__ __forceinline__ void row_argmin(const float (&row)[K], int lane, float& low, int& label) {
-  low = row[0];
+template <typename scalar_t, int K>
+__device__ __forceinline__ void row_argmin(const scalar_t (&row)[K], int lane, scalar_t& low, int& label) {
+  low = row[0];  // the lane's own first
   label = lane;
 #pragma unroll
   for (int k = 1; k < K; ++k) {
@@ -389,23 +389,13 @@ __device__ __forceinline__ void row_argmin(const float (&row)[K], int lane, floa
       label = lane + 32 * k;
     }
   }
-  const unsigned int key = order_key(low), low_key = warp_min(key);
-  low = from_order_key(low_key);  // now, not by a shuffle after the label's reduction: it is on the critical path
-  label = static_cast<int>(warp_min(key == low_key ? static_cast<unsigned int>(label) : ~0u));
-}
-
-template <int K>
-__device__ __forceinline__ void row_argmin(const double (&row)[K], int lane, double& low, int& label) {
-  low = row[0];
-  label = lane;
-#pragma unroll
-  for (int k = 1; k < K; ++k) {
-    if (row[k] < low) {
-      low = row[k];
-      label = lane + 32 * k;
-    }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const unsigned int key = order_key(low), low_key = warp_min(key);
+    low = from_order_key(low_key);  // now, not by a shuffle after the label's reduction: it is on the critical path
+    label = static_cast<int>(warp_min(key == low_key ? static_cast<unsigned int>(label) : ~0u));
+  } else {
+    warp_argmin(low, label);
   }
-  warp_argmin(low, label);
 }
 
 // Sum over the warp's labels of a row held K per lane, in the same order on every lane.

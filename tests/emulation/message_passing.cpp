@@ -1,21 +1,17 @@
 // The CUDA message-passing kernels (csrc/message_passing/cuda_sweeps.cuh) run on the CPU through the emulation of
 // gpu_emulator.h: the ops message_passing and message_passing_backward of the library `app_emulated`, with the
-// schemas of csrc/ops.cpp, for CPU tensors (tests/test_cuda_emulation.py compares them with the CPU ops).
+// schemas of csrc/schemas.h, for CPU tensors (tests/test_cuda_emulation.py compares them with the CPU ops).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "gpu_emulator.h"
 // the emulator first: it defines APP_DYNAMIC_SHARED and CUDA's names
 #include "../../csrc/message_passing/cuda_sweeps.cuh"
+#include "../../csrc/schemas.h"
 
-TORCH_LIBRARY(app_emulated, m) {
-  m.def(
-      "message_passing(Tensor unary, Tensor pairwise, Tensor edge_weights, int method, int n_directions, "
-      "int n_iterations, int pairwise_kind) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "message_passing_backward(Tensor grad_costs, Tensor pairwise, Tensor edge_weights, Tensor p, Tensor q, "
-      "int method, int n_directions, int n_iterations, int pairwise_kind, bool pairwise_grad, bool weights_grad) "
-      "-> (Tensor, Tensor, Tensor)");
+TORCH_LIBRARY_FRAGMENT(app_emulated, m) {
+  m.def(app::schema::kMessagePassing);
+  m.def(app::schema::kMessagePassingBackward);
 }
 
 TORCH_LIBRARY_IMPL(app_emulated, CPU, m) {
