@@ -416,6 +416,30 @@ def test_cuda_float32_matches_cpu():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n_labels", (33, 96, 200))
+def test_cuda_warp_and_block_sweeps_agree(monkeypatch, n_labels):
+    """The warp sweeps (up to 256 labels) and the block sweeps (APP_CUDA_BLOCK_SWEEPS=1) on random float32
+    inputs, TRWP-8, ISGMR-8 and SGM-4 with Potts and truncated linear: the same stored argmins, costs and
+    gradients to rounding."""
+    unary, _, weights = (t.float().cuda() for t in random_inputs(4, 2, n_labels, 12, 17, 8))
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(4)).cuda()
+    for pairwise in (Pairwise("potts", 0.5), Pairwise("truncated_linear", 0.3, 5.0)):
+        matrix = pairwise.matrix(n_labels, dtype=torch.float32).cuda()
+        for method, n_directions in (("trwp", 8), ("isgmr", 8), ("sgm", 4)):
+            tensors = (unary, matrix, weights[:, : n_directions // 2], grad_costs)
+            options = (_METHOD_IDS[method], n_directions, 2, _pairwise_kind(pairwise))
+            monkeypatch.setenv("APP_CUDA_BLOCK_SWEEPS", "0")
+            warp = forward_and_backward(*tensors, *options)
+            monkeypatch.setenv("APP_CUDA_BLOCK_SWEEPS", "1")
+            block = forward_and_backward(*tensors, *options)
+            for index, (got, expected) in enumerate(zip(warp, block, strict=True)):
+                if index in (1, 2):
+                    assert torch.equal(got, expected), (method, index)
+                else:
+                    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ("potts", "truncated_linear", "truncated_quadratic"))
 def test_cuda_fast_paths_match_reference(kind):
     unary, matrix, weights = random_inputs(10, 1, 40, 8, 12, 4, device="cuda")
