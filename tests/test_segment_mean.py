@@ -88,6 +88,22 @@ def test_explicit_num_segments():
     )
     with pytest.raises(ValueError, match="num_segments"):
         segment_mean(values, segments, num_segments=2)
+    with pytest.raises(ValueError, match="num_segments must be >= 1"):
+        segment_mean(values, segments, num_segments=0)
+
+
+@pytest.mark.cuda
+def test_cuda_call_with_num_segments_does_not_sync():
+    """With num_segments given, the CUDA path leaves the id check to the kernel: no host-device sync."""
+    values, segments = (t.cuda() for t in random_case(2, 3, 16, 16, n_segments=7))
+    expected = segment_mean_reference(values, segments)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = segment_mean(values, segments, num_segments=7)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize(

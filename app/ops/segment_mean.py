@@ -21,7 +21,8 @@ def segment_mean(
         values: (B, C, H, W) floating tensor (logits).
         segments: (B, H, W) int64 segment ids >= 0; ids need not be contiguous and may skip values.
         num_segments: an upper bound on the ids (all ids < num_segments). Computed from ``segments``
-            when omitted; pass it to avoid a device sync.
+            when omitted; pass it to avoid a device sync (on CUDA the ids are then checked by a device
+            assert in the kernel instead of a ValueError).
 
     Returns:
         (B, C, H, W) tensor of the same dtype as ``values``.
@@ -38,13 +39,17 @@ def segment_mean(
         )
     if height * width == 0:
         raise ValueError(f"values must have at least one pixel, got shape {tuple(values.shape)}")
-    lowest, highest = (int(v) for v in torch.aminmax(segments))
-    if lowest < 0:
-        raise ValueError(f"segments must be >= 0, found id {lowest}")
-    if num_segments is None:
-        num_segments = highest + 1
-    elif highest >= num_segments:
-        raise ValueError(f"segments contains id {highest} >= num_segments={num_segments}")
+    if num_segments is not None and num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if num_segments is None or not (segments.is_cuda and num_segments <= height * width):
+        # on CUDA with num_segments given the kernel checks the ids (a device assert): no host sync
+        lowest, highest = (int(v) for v in torch.aminmax(segments))
+        if lowest < 0:
+            raise ValueError(f"segments must be >= 0, found id {lowest}")
+        if num_segments is None:
+            num_segments = highest + 1
+        elif highest >= num_segments:
+            raise ValueError(f"segments contains id {highest} >= num_segments={num_segments}")
     if num_segments > height * width:
         # Sparse, huge ids: relabel to 0..n-1 so the scratch stays bounded by the pixel count.
         _, segments = torch.unique(segments, return_inverse=True)
