@@ -15,7 +15,7 @@ from test_message_passing import EXACT_LABELS, exact_run, forward_and_backward, 
 from torch.utils import cpp_extension
 
 from app.ops import Pairwise
-from app.ops.message_passing import _METHOD_IDS, _pairwise_kind
+from app.ops.message_passing import _GENERAL, _METHOD_IDS, _pairwise_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "emulation"
@@ -86,6 +86,29 @@ def test_emulated_cuda_sweeps_match_cpu_on_random_inputs(emulated_ops, method, k
             assert torch.equal(got, expected), index
         else:
             torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ("potts", "matrix"))
+@pytest.mark.parametrize("method", ("trwp", "isgmr", "sgm"))
+def test_emulated_cuda_backward_without_parameter_gradients(emulated_ops, method, kind):
+    """Neither the pairwise nor the edge weights need a gradient: the kernels skip their accumulators, return
+    zeros for them and the unary gradient of the full backward."""
+    unary, matrix, weights = random_inputs(6, 1, 20, 6, 7, 8)
+    potts = Pairwise("potts", 0.9)
+    pairwise, pairwise_kind = (
+        (potts.matrix(20, dtype=torch.float64), _pairwise_kind(potts))
+        if kind == "potts"
+        else (matrix, _GENERAL)
+    )
+    options = (_METHOD_IDS[method], 8, 2, pairwise_kind)
+    costs, p, q = emulated_ops.message_passing(unary, pairwise, weights, *options)
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    full = emulated_ops.message_passing_backward(grad_costs, pairwise, weights, p, q, *options, True, True)
+    unary_only = emulated_ops.message_passing_backward(
+        grad_costs, pairwise, weights, p, q, *options, False, False
+    )
+    torch.testing.assert_close(unary_only[0], full[0], rtol=1e-12, atol=1e-12)
+    assert not unary_only[1].any() and not unary_only[2].any()
 
 
 def _segment_cases():
