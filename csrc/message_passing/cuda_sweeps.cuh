@@ -398,13 +398,15 @@ __device__ __forceinline__ void row_argmin(const scalar_t (&row)[K], int lane, s
   }
 }
 
-// Sum over the warp's labels of a row held K per lane, in the same order on every lane.
-template <typename scalar_t, int K>
-__device__ __forceinline__ scalar_t row_sum(const scalar_t (&row)[K]) {
-  scalar_t partial = row[0];
-#pragma unroll
-  for (int k = 1; k < K; ++k) partial += row[k];
-  return warp_sum(partial);
+// a, b <- their sums over the warp, by one interleaved butterfly (every lane gets both).
+template <typename scalar_t>
+__device__ __forceinline__ void warp_sum_pair(scalar_t& a, scalar_t& b) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const scalar_t other_a = __shfl_xor_sync(0xffffffffu, a, offset);
+    const scalar_t other_b = __shfl_xor_sync(0xffffffffu, b, offset);
+    a += other_a;
+    b += other_b;
+  }
 }
 
 template <typename scalar_t, int K>
@@ -509,6 +511,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   scalar_t* m_r = messages + r * N * L;
   const scalar_t* m_opp = method == kTRWP ? messages + (r ^ 1) * N * L : old_messages + (r ^ 1) * N * L;
   const scalar_t* v_r = grid.v_r(r);
+  const scalar_t jump_cost = v_r[1];  // Potts: V(0, 1), read once (the stores below may alias it for the compiler)
   // The band of the capped kinds: the last d with V(0, d) below V(0, L-1) (-1: dense).
   int64_t reach = -1;
   if (grid.kind != kGeneral) {
@@ -576,7 +579,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           if (grid.kind == kPotts && method != kSGM) {  // one argmin: min u = min h
             int best;
             row_argmin(h, lane, low, best);
-            const scalar_t jump = low + product(in.w, v_r[1]);
+            const scalar_t jump = low + product(in.w, jump_cost);
 #pragma unroll
             for (int k = 0; k < K; ++k) {
               const int l = lane + 32 * k;
@@ -660,6 +663,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   scalar_t* gv_r =
       state.grad_v == nullptr ? nullptr : state.grad_v + ((scanline % n_accumulators) * 2 + r % 2) * L * L;
   const bool potts = grid.kind == kPotts;
+  const scalar_t jump_cost = v_r[1];  // Potts: V(0, 1)
   scalar_t* a_base = method == kISGMR ? state.extra + (r / 2) * N * L : state.common;
   scalar_t* e_base = method == kTRWP ? state.extra + r * N * L : method == kISGMR ? state.pending + (r / 2) * N * L
                                                                                   : state.extra;
@@ -715,10 +719,29 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         store_row(e_base + off, lane, L, in.e);
       }
       if (t == 0 && method != kSGM) break;  // constant first message
-      scalar_t masked[K];
+      // sum of g, and for Potts the sum of g over the labels that jump and their label (every jump goes to one):
+      // two independent reductions, interleaved, so that the carry waits for one reduction's latency, not two
+      scalar_t g_sum = 0, jumped = 0;
+      int target = -1;
+      bool q_jumps = false;
 #pragma unroll
-      for (int k = 0; k < K; ++k) masked[k] = lane + 32 * k < L ? g[k] : scalar_t(0);
-      const scalar_t g_sum = row_sum(masked);
+      for (int k = 0; k < K; ++k) {
+        const int l = lane + 32 * k;
+        if (l >= L) continue;
+        g_sum += g[k];
+        if (potts && in.p[k] != l) {
+          jumped += g[k];
+          target = in.p[k];
+          q_jumps = q_jumps || l == in.q;
+        }
+      }
+      if (potts) {
+        warp_sum_pair(g_sum, jumped);
+        target = warp_max(target);
+        q_jumps = __any_sync(0xffffffffu, q_jumps);
+      } else {
+        g_sum = warp_sum(g_sum);
+      }
 #pragma unroll
       for (int k = 0; k < K; ++k) g[k] -= lane + 32 * k == in.q ? g_sum : scalar_t(0);  // Eq. 3.5 through q
       if (method == kSGM) {
@@ -732,27 +755,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       }
       scalar_t weight_grad = 0;
       if (potts) {
-        scalar_t jumped = 0;
-        int target = -1;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const int l = lane + 32 * k;
           const bool label = l < L, stays = in.p[k] == l;
           carry[k] = label && stays ? g[k] : scalar_t(0);
-          if (label && !stays) {
-            jumped += g[k];
-            target = in.p[k];
-            if (gv_r != nullptr) atomicAdd(gv_r + in.p[k] * L + l, product(in.w, g[k]));
-          } else if (label && gv_r != nullptr) {
-            atomicAdd(gv_r + l * L + l, product(in.w, g[k]));
-          }
+          if (label && gv_r != nullptr) atomicAdd(gv_r + in.p[k] * L + l, product(in.w, g[k]));
         }
-        const scalar_t to_target = warp_sum(jumped);
-        target = warp_max(target);
         if (target >= 0) {
+          const scalar_t to_target = jumped - (q_jumps ? g_sum : scalar_t(0));  // with Eq. 3.5's share if q jumps
 #pragma unroll
           for (int k = 0; k < K; ++k) carry[k] += lane + 32 * k == target ? to_target : scalar_t(0);
-          weight_grad = product(to_target, v_r[1]);
+          weight_grad = product(to_target, jump_cost);
         }
       } else {
         __syncwarp();  // the previous step's readers of gs_row are done
