@@ -584,7 +584,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
             for (int k = 0; k < K; ++k) {
               const int l = lane + 32 * k;
               const bool stay = h[k] < jump || (h[k] == jump && l < best);
-              u[k] = stay ? h[k] : jump;
+              u[k] = h[k] < jump ? h[k] : jump;  // = stay ? h : jump, without waiting for best (the next step does not)
               arg[k] = stay ? l : best;
             }
             q = jump == low ? 0 : best;
