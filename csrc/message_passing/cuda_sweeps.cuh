@@ -312,7 +312,7 @@ inline int labels_per_lane(int64_t n_labels) {
 // cover a load from memory).
 template <typename scalar_t, int K>
 constexpr int ring_depth() {
-  return K * sizeof(scalar_t) <= 4 ? 8 : K * sizeof(scalar_t) <= 8 ? 4 : 2;
+  return K * sizeof(scalar_t) <= 4 ? 8 : K * sizeof(scalar_t) <= 16 ? 4 : 2;
 }
 
 // The scanline that warp `index` of a sweep walks: its image b, first pixel (y0, x0) and length.
