@@ -1,17 +1,19 @@
-"""The CUDA message-passing kernels run on the CPU through a host emulation of CUDA thread blocks
-(tests/emulation/gpu_emulator.h) and give the CPU op's outputs bit for bit on exact inputs; the emulator's own
-tests: warp intrinsics, scheduling order, poisoned shared memory, and the misuse it reports.
+"""The CUDA kernels run on the CPU through a host emulation of CUDA thread blocks (tests/emulation/gpu_emulator.h):
+message passing gives the CPU op's outputs bit for bit on exact inputs, the segment mean, ConvCRF message and
+mean-field to rounding; the emulator's own tests: warp intrinsics, scheduling order, poisoned shared memory, and the
+misuse it reports.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from test_message_passing import EXACT_LABELS, exact_run, forward_and_backward, random_inputs
+from test_message_passing import EXACT_LABELS, F64, exact_run, forward_and_backward, random_inputs
 from torch.utils import cpp_extension
 
 from app.ops import Pairwise
@@ -19,19 +21,17 @@ from app.ops.message_passing import _GENERAL, _METHOD_IDS, _pairwise_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "emulation"
-# the default run's label counts: one label past a warp; several labels per lane, 8 warps a block
-DEFAULT_LABELS = (33, 200)
+# the default run's label counts: one label a lane (the speed target's 32); one past a warp; 8 labels a lane
+DEFAULT_LABELS = (32, 33, 200)
 
 
 @pytest.fixture(scope="session")
 def emulated_ops(tmp_path_factory):
-    """Builds tests/emulation once (three translation units, 10-30 s): the libraries app_emulated and
+    """Builds tests/emulation once (five translation units, 15-40 s): the libraries app_emulated and
     app_emulator_test."""
     cpp_extension.load(
         name="app_cuda_emulation",
-        sources=[
-            str(EMULATION / name) for name in ("message_passing.cpp", "segment_mean.cpp", "self_test.cpp")
-        ],
+        sources=sorted(str(path) for path in EMULATION.glob("*.cpp")),
         extra_cflags=["-O2", "-ffp-contract=off"],
         extra_include_paths=[str(ROOT / "csrc")],
         build_directory=str(tmp_path_factory.mktemp("cuda_emulation")),
@@ -142,6 +142,101 @@ def test_emulated_cuda_segment_mean_matches_cpu(emulated_ops, name, values, segm
     expected = torch.ops.app.segment_mean(values, segments, num_segments)
     assert got.dtype == values.dtype
     torch.testing.assert_close(got, expected)
+
+
+# (filter size, (B, C, F, H, W)): a 3 x 3 window; 9 channels, a full and a partial block of the kernel's 8 in
+# registers; an image smaller than the window
+GAUSSIAN_CASES = ((3, (2, 3, 2, 6, 5)), (5, (1, 9, 3, 7, 6)), (7, (1, 2, 2, 3, 4)))
+
+
+@pytest.mark.parametrize(
+    ("filter_size", "shape"), GAUSSIAN_CASES, ids=("3x3", "5x5, 9 channels", "7x7 on 3x4")
+)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_emulated_cuda_gaussian_message_matches_cpu(emulated_ops, dtype, filter_size, shape):
+    """The CUDA ConvCRF message and its features gradient (a thread per pixel, the kernel values computed on the fly)
+    give the CPU ops' outputs to rounding (the same sums in the same order: here they agree bit for bit)."""
+    gen = torch.Generator().manual_seed(filter_size)
+    batch, channels, n_features, height, width = shape
+    q = torch.rand(batch, channels, height, width, generator=gen, dtype=dtype)
+    features = torch.randn(batch, n_features, height, width, generator=gen, dtype=dtype)
+    grad = torch.randn(q.shape, generator=gen, dtype=dtype)
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {}
+    for op, args in (
+        ("gaussian_message", (q, features, filter_size)),
+        ("gaussian_message_features_backward", (grad, q, features, filter_size)),
+    ):
+        got = getattr(emulated_ops, op)(*args)
+        torch.testing.assert_close(got, getattr(torch.ops.app, op)(*args), **tolerance)
+
+
+MEANFIELD_PAIRWISE = {
+    "potts": Pairwise("potts", 0.7),
+    "truncated_linear": Pairwise("truncated_linear", 0.6, 2.5),
+}
+
+
+@pytest.mark.parametrize("n_directions", (4, 8, 16))
+@pytest.mark.parametrize("kind", ("potts", "truncated_linear", "dense"))
+def test_emulated_cuda_meanfield_matches_cpu(emulated_ops, kind, n_directions):
+    """The CUDA mean-field (gather, edge-weight gradient and Potts kernels, ATen's softmax, GEMMs for the other V)
+    gives the CPU op's costs, distributions and gradients, with and without the pairwise gradient, float32 and
+    float64 (to rounding: the CPU fuses its own softmax and takes truncated linear by O(L) prefix sums); the dense
+    V is asymmetric, which checks the V / V^T orientation of both neighbours."""
+    unary, matrix, weights = random_inputs(n_directions, 2, 5, 6, 7, n_directions)
+    pairwise_kind = _GENERAL
+    if kind in MEANFIELD_PAIRWISE:
+        matrix = MEANFIELD_PAIRWISE[kind].matrix(5, dtype=F64)
+        pairwise_kind = _pairwise_kind(MEANFIELD_PAIRWISE[kind])
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(n_directions), dtype=F64)
+    for dtype in (torch.float32, F64):
+        tensors = [t.to(dtype) for t in (unary, matrix, weights, grad_costs)]
+        outputs = []
+        for ops in (emulated_ops, torch.ops.app):
+            costs, q = ops.meanfield(*tensors[:3], n_directions, 3, pairwise_kind)
+            backward = (tensors[3], *tensors[1:3], q, n_directions, pairwise_kind)
+            with_pairwise, without = (ops.meanfield_backward(*backward, grad) for grad in (True, False))
+            outputs.append((costs, q, *with_pairwise, *without))
+        tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == F64 else {}
+        for index, (got, expected) in enumerate(zip(*outputs, strict=True)):
+            torch.testing.assert_close(
+                got, expected, **tolerance, msg=lambda m, i=index, d=dtype: f"{d} {i}: {m}"
+            )
+
+
+def test_emulated_cuda_meanfield_of_an_empty_image(emulated_ops):
+    """No pixels: every launch has no blocks and launches nothing (CUDA refuses an empty grid; the launch policy
+    skips it), and the outputs are empty, as the CPU op's."""
+    unary, matrix, weights = random_inputs(0, 1, 3, 0, 4, 4)
+    costs, q = emulated_ops.meanfield(unary, matrix, weights, 4, 2, 1)
+    assert costs.shape == unary.shape and q.shape == (2, *unary.shape)
+    grads = emulated_ops.meanfield_backward(costs, matrix, weights, q, 4, 1, True)
+    assert [g.shape for g in grads] == [unary.shape, matrix.shape, weights.shape]
+    assert not grads[1].any()
+
+
+def _bad_calls():
+    """(op, arguments) that the ops' input checks refuse."""
+    q, features = torch.rand(1, 2, 5, 5), torch.randn(1, 2, 5, 5)
+    yield pytest.param("gaussian_message", (q, features, 4), id="even filter")
+    yield pytest.param("gaussian_message", (q, features.double(), 3), id="two dtypes")
+    yield pytest.param("gaussian_message", (q, features[:, :, :4].contiguous(), 3), id="two image sizes")
+    yield pytest.param("gaussian_message_features_backward", (q[:, :1], q, features, 3), id="grad shape")
+    unary, matrix, weights = torch.rand(1, 3, 4, 4), torch.rand(3, 3), torch.rand(1, 2, 4, 4)
+    yield pytest.param("meanfield", (unary, matrix[:, :2], weights, 4, 1, 0), id="pairwise shape")
+    yield pytest.param("meanfield", (unary, matrix, weights, 6, 1, 0), id="6 directions")
+    yield pytest.param("meanfield", (unary, matrix, weights, 4, 0, 0), id="no iterations")
+    yield pytest.param("meanfield", (unary, matrix, weights, 4, 1, 5), id="unknown kind")
+    yield pytest.param("meanfield_backward", (unary, matrix, weights, unary, 4, 0, True), id="q shape")
+
+
+@pytest.mark.parametrize(("op", "args"), _bad_calls())
+def test_emulated_cuda_ops_refuse_bad_input_as_the_cpu_ops_do(emulated_ops, op, args):
+    """The device ops' host drivers raise the CPU ops' errors (their TORCH_CHECKs are shared)."""
+    with pytest.raises(RuntimeError) as on_cpu:
+        getattr(torch.ops.app, op)(*args)
+    with pytest.raises(RuntimeError, match=re.escape(str(on_cpu.value).splitlines()[0])):
+        getattr(emulated_ops, op)(*args)
 
 
 def intrinsic_inputs() -> torch.Tensor:

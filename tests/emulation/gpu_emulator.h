@@ -23,6 +23,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -750,6 +751,9 @@ template <typename T>
 T __ldg(const T* address) {
   return *address;
 }
+
+// Device code's float overloads of the maths functions (CUDA declares them globally; C's exp is double only).
+using std::exp;
 
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
