@@ -148,8 +148,7 @@ at::Tensor gaussian_message_cpu(const at::Tensor& q, const at::Tensor& features,
 at::Tensor gaussian_message_features_backward_cpu(const at::Tensor& grad, const at::Tensor& q,
                                                   const at::Tensor& features, int64_t filter_size) {
   const Geometry g = check_inputs(q, features, filter_size);
-  TORCH_CHECK(grad.sizes() == q.sizes() && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(),
-              "gaussian_message: grad must be contiguous, shaped and typed like q");
+  check_output_grad(grad, q);
   auto output = at::empty_like(features);
   if (features.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gaussian_message_bwd_cpu", [&] {

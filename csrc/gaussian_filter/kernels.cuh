@@ -122,8 +122,7 @@ template <typename Launch>
 at::Tensor gaussian_message_features_backward_with(const at::Tensor& grad, const at::Tensor& q,
                                                    const at::Tensor& features, int64_t filter_size) {
   const Geometry g = check_inputs(q, features, filter_size);
-  TORCH_CHECK(grad.sizes() == q.sizes() && grad.is_contiguous() && grad.scalar_type() == q.scalar_type(),
-              "gaussian_message: grad must be contiguous, shaped and typed like q");
+  check_output_grad(grad, q);
   if (features.numel() == 0) return at::empty_like(features);
   const int64_t total = q.size(0) * g.height * g.width;
   at::Tensor result;
