@@ -692,6 +692,24 @@ def test_meanfield_kernel_checks_its_inputs(args):
         torch.ops.app.meanfield(*args)
 
 
+def test_backward_kernel_checks_the_stored_indices():
+    """Called directly with indices of another call (other iterations, directions or size), the backward op refuses
+    them instead of reading past their end."""
+    unary, matrix, weights = random_inputs(19, 1, 3, 4, 5, 4)
+    options = (_METHOD_IDS["trwp"], 4, 2, _GENERAL)
+    _, p, q = torch.ops.app.message_passing(unary, matrix, weights, *options)
+    other_options = (_METHOD_IDS["trwp"], 4, 3, _GENERAL)
+    for bad_p, bad_q, call_options in (
+        (p, q, other_options),
+        (p[:, :, :, :3].clone(), q, options),
+        (p, q[:1], options),
+    ):
+        with pytest.raises(RuntimeError, match="p must be"):
+            torch.ops.app.message_passing_backward(
+                unary, matrix, weights, bad_p, bad_q, *call_options, True, True
+            )
+
+
 def test_meanfield_backward_kernel_checks_q():
     unary, matrix, weights = random_inputs(18, 1, 3, 4, 4, 4)
     with pytest.raises(RuntimeError, match="q must be"):

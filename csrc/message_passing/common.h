@@ -497,6 +497,8 @@ inline void check_inputs(const at::Tensor& unary, const at::Tensor& pairwise, co
               "message_passing: edge_weights must be (B, D/2, H, W)");
   TORCH_CHECK(pairwise.scalar_type() == unary.scalar_type() && edge_weights.scalar_type() == unary.scalar_type(),
               "message_passing: unary, pairwise and edge_weights must share a dtype");
+  TORCH_CHECK(pairwise.device() == unary.device() && edge_weights.device() == unary.device(),
+              "message_passing: unary, pairwise and edge_weights must be on one device");
   TORCH_CHECK(method >= kISGMR && method <= kSGM, "message_passing: unknown method ", method);
   TORCH_CHECK(n_iterations >= 1, "message_passing: n_iterations must be >= 1");
   TORCH_CHECK(pairwise_kind >= kGeneral && pairwise_kind <= kTruncatedQuadratic, "message_passing: unknown kind");
@@ -529,6 +531,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_backward(
   TORCH_CHECK(p.scalar_type() == index_type_for(grad_costs.size(1)) && p.scalar_type() == q.scalar_type(),
               "message_passing_backward: index dtype does not match the label count");
   TORCH_CHECK(p.is_contiguous() && q.is_contiguous(), "message_passing_backward: indices must be contiguous");
+  const std::vector<int64_t> q_sizes{n_iterations, n_directions, grad_costs.size(0), grad_costs.size(2),
+                                     grad_costs.size(3)};
+  std::vector<int64_t> p_sizes = q_sizes;
+  p_sizes.push_back(grad_costs.size(1));
+  TORCH_CHECK(p.sizes() == at::IntArrayRef(p_sizes) && q.sizes() == at::IntArrayRef(q_sizes),
+              "message_passing_backward: p must be (I, D, B, H, W, L) and q (I, D, B, H, W) of the forward");
+  TORCH_CHECK(p.device() == grad_costs.device() && q.device() == grad_costs.device(),
+              "message_passing_backward: indices must be on the device of grad_costs");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(grad_costs.scalar_type(), "message_passing_backward", [&] {
     dispatch_index(p.scalar_type(), [&](auto index_tag) {
