@@ -124,6 +124,23 @@ def test_bad_input_raises_value_error(values, segments, message):
         segment_mean(values, segments)
 
 
+@pytest.mark.parametrize(
+    ("values", "segments", "num_segments"),
+    [
+        (torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long), 1),
+        (torch.randn(2, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), 1),
+        (torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.int32), 1),
+        (torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), 0),
+        (torch.randn(1, 2, 4, 4), torch.full((1, 4, 4), 3), 3),
+    ],
+)
+def test_kernel_checks_its_inputs(values, segments, num_segments):
+    """Called directly, the C++ op refuses mismatched shapes, id dtypes, bounds and ids instead of reading or
+    writing out of bounds."""
+    with pytest.raises(RuntimeError, match="segment_mean"):
+        torch.ops.app.segment_mean(values, segments, num_segments)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_mismatch_raises():
     with pytest.raises(ValueError, match="one device"):

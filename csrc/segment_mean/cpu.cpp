@@ -8,6 +8,8 @@
 #include <atomic>
 #include <vector>
 
+#include "common.h"
+
 namespace app {
 namespace {
 
@@ -64,10 +66,7 @@ void segment_mean_cpu_kernel(const scalar_t* values, const int64_t* segments, sc
 }
 
 at::Tensor segment_mean_cpu(const at::Tensor& values, const at::Tensor& segments, int64_t num_segments) {
-  TORCH_CHECK(values.dim() == 4 && segments.dim() == 3, "segment_mean: expected values (B,C,H,W), segments (B,H,W)");
-  TORCH_CHECK(values.is_contiguous() && segments.is_contiguous(), "segment_mean: inputs must be contiguous");
-  TORCH_CHECK(segments.scalar_type() == at::kLong, "segment_mean: segments must be int64");
-  TORCH_CHECK(num_segments > 0, "segment_mean: num_segments must be positive");
+  segment_mean::check_inputs(values, segments, num_segments);
   auto output = at::empty_like(values);
   if (values.numel() == 0) return output;
   const int64_t batch = values.size(0), channels = values.size(1), pixels = values.size(2) * values.size(3);

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "common.h"
+
 namespace app {
 namespace segment_mean {
 
@@ -75,10 +77,7 @@ __global__ void __launch_bounds__(kThreads)
 // The op on contiguous values (B, C, H, W) and int64 segments (B, H, W) with ids in [0, num_segments).
 template <typename Launch>
 at::Tensor segment_mean_with(const at::Tensor& values, const at::Tensor& segments, int64_t num_segments) {
-  TORCH_CHECK(values.dim() == 4 && segments.dim() == 3, "segment_mean: expected values (B,C,H,W), segments (B,H,W)");
-  TORCH_CHECK(values.is_contiguous() && segments.is_contiguous(), "segment_mean: inputs must be contiguous");
-  TORCH_CHECK(segments.scalar_type() == at::kLong, "segment_mean: segments must be int64");
-  TORCH_CHECK(num_segments > 0, "segment_mean: num_segments must be positive");
+  check_inputs(values, segments, num_segments);
   const int64_t batch = values.size(0), channels = values.size(1), pixels = values.size(2) * values.size(3);
   auto output = at::empty_like(values);
   if (values.numel() == 0) return output;
