@@ -500,15 +500,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
                         scalar_t* out, SweepIndices<uint8_t> idx) {
   APP_DYNAMIC_SHARED(shared);
   constexpr int kRing = ring_depth<scalar_t, K>();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t scanline = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int lane = threadIdx.x % 32;
+  const int64_t scanline = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (scanline >= grid.batch * n_starts) return;
-  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
-  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
-  scalar_t* h_row = reinterpret_cast<scalar_t*>(shared) + warp * L;
   const Scanline line(grid, chain, n_starts, scanline);
-  const int64_t length = line.length;
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), length = line.length;
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  scalar_t* shared_row = reinterpret_cast<scalar_t*>(shared) + threadIdx.x / 32 * L;
+  const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   scalar_t* m_r = messages + r * N * L;
   const scalar_t* m_opp = method == kTRWP ? messages + (r ^ 1) * N * L : old_messages + (r ^ 1) * N * L;
   const scalar_t* v_r = grid.v_r(r);
@@ -590,10 +589,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
             }
             q = jump == low ? 0 : best;
           } else {
-            __syncwarp();  // the previous step's readers of h_row are done
-            store_row(h_row, lane, L, h);
+            __syncwarp();  // the previous step's readers of shared_row are done
+            store_row(shared_row, lane, L, h);
             __syncwarp();
-            warp_min_convolve(h_row, h, lane, L, in.w, v_r, reach, u, arg);
+            warp_min_convolve(shared_row, h, lane, L, in.w, v_r, reach, u, arg);
             if (method == kSGM) {
 #pragma unroll
               for (int k = 0; k < K; ++k) u[k] += in.a[k];
@@ -652,14 +651,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
                          BackwardState<scalar_t> state, int64_t n_accumulators, const uint8_t* p, const uint8_t* q) {
   APP_DYNAMIC_SHARED(shared);
   constexpr int kRing = ring_depth<scalar_t, K>();
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t scanline = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int lane = threadIdx.x % 32;
+  const int64_t scanline = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (scanline >= grid.batch * n_starts) return;
-  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels();
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
-  scalar_t* gs_row = reinterpret_cast<scalar_t*>(shared) + warp * L;
   const Scanline line(grid, chain, n_starts, scanline);
-  const int64_t length = line.length;
+  const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), length = line.length;
+  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  scalar_t* shared_row = reinterpret_cast<scalar_t*>(shared) + threadIdx.x / 32 * L;
   const scalar_t* v_r = grid.v_r(r);
   scalar_t* gv_r =
       state.grad_v == nullptr ? nullptr : state.grad_v + ((scanline % n_accumulators) * 2 + r % 2) * L * L;
@@ -770,10 +768,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           weight_grad = product(to_target, jump_cost);
         }
       } else {
-        __syncwarp();  // the previous step's readers of gs_row are done
+        __syncwarp();  // the previous step's readers of shared_row are done
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          if (lane + 32 * k < L) gs_row[lane + 32 * k] = 0;
+          if (lane + 32 * k < L) shared_row[lane + 32 * k] = 0;
         }
         __syncwarp();
 #pragma unroll
@@ -781,12 +779,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           const int64_t l = lane + 32 * k;
           if (l >= L) continue;
           const int64_t m = in.p[k];
-          atomicAdd(gs_row + m, g[k]);
+          atomicAdd(shared_row + m, g[k]);
           weight_grad += product(g[k], v_r[m * L + l]);
           if (gv_r != nullptr) atomicAdd(gv_r + m * L + l, product(in.w, g[k]));
         }
         __syncwarp();
-        load_row(gs_row, lane, L, carry, scalar_t(0));
+        load_row(shared_row, lane, L, carry, scalar_t(0));
         weight_grad = warp_sum(weight_grad);
       }
       if (lane == 0 && state.grad_weights != nullptr) state.grad_weights[in.slot] += weight_grad;
