@@ -544,7 +544,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       const int64_t t = t0 + s;
       if (t >= length) break;
       ForwardInputs<scalar_t, K>& in = ring[s];
-      const int64_t off = offset(t), i = off / L;
+      const int64_t i = line.row(t), off = i * L;
       scalar_t u[K];
       int arg[K];
       int q = 0;
@@ -675,7 +675,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     load_row(e_base + off, lane, L, in.e, scalar_t(0));
     if (method == kTRWP) load_row(o_base + off, lane, L, in.o, scalar_t(0));
     load_row(p + off, lane, L, in.p, uint8_t(0));
-    in.q = q[off / L];
+    in.q = q[line.row(t)];
     if (t > 0) {
       in.slot = grid.weight_slot(r, line.b, line.pixel(t - 1), line.pixel(t));
       in.w = grid.weights[in.slot];
