@@ -56,6 +56,8 @@ struct Grid {
   int64_t kind;
 
   APP_HOST_DEVICE int64_t pixels() const { return height * width; }
+  // TRWP's rho (Eq. 3.10): 2 / D, the share of each direction's tree in the decomposition.
+  APP_HOST_DEVICE scalar_t rho() const { return static_cast<scalar_t>(2.0 / static_cast<double>(n_directions)); }
   APP_HOST_DEVICE const scalar_t* v_r(int64_t r) const { return r % 2 == 0 ? v : v_t; }
   // Offset in edge_weights of the edge (j, i) of direction r, j the predecessor of i (in-image indices).
   APP_HOST_DEVICE int64_t weight_slot(int64_t r, int64_t b, int64_t j, int64_t i) const {

@@ -354,7 +354,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
                     scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
                     SweepIndices<index_t> iteration) {
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t rho = grid.rho();
   const int64_t reach = BandedConvolve<scalar_t>::reach_for(grid.kind, grid.v, L);
   scan_pair(grid, r_first, false, [&](int64_t r) {
     scalar_t* m_r = messages + r * N * L;
@@ -556,7 +556,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
   using Values = typename V::Values;
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
   const int32_t n = static_cast<int32_t>(L);
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t rho = grid.rho();
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
   for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
   scan_pair(grid, r_first, true, [&](int64_t r) {

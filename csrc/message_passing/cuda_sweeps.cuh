@@ -132,7 +132,7 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
   scalar_t* u = h + L;
   scalar_t* red_v = u + L;
   int* red_i = reinterpret_cast<int*>(red_v + blockDim.x / 32);
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t rho = grid.rho();
   const int64_t b = blockIdx.x / n_starts;
   const int64_t start = chain_start(blockIdx.x % n_starts, grid.height, grid.width, chain.dy, chain.dx);
   scalar_t* m_r = messages + r * N * L;
@@ -229,7 +229,7 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
   scalar_t* g = reinterpret_cast<scalar_t*>(shared);
   scalar_t* gs = g + L;
   scalar_t* red_v = gs + L;
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t rho = grid.rho();
   const int64_t b = blockIdx.x / n_starts;
   const int64_t start = chain_start(blockIdx.x % n_starts, grid.height, grid.width, chain.dy, chain.dx);
   const scalar_t* v_r = grid.v_r(r);
@@ -505,7 +505,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (scanline >= grid.batch * n_starts) return;
   const Scanline line(grid, chain, n_starts, scanline);
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), length = line.length;
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t rho = grid.rho();
   scalar_t* shared_row = reinterpret_cast<scalar_t*>(shared) + threadIdx.x / 32 * L;
   const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   scalar_t* m_r = messages + r * N * L;
@@ -519,17 +519,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     for (int64_t d = lane; d < L; d += 32) last = v_r[d] != v_r[L - 1] ? static_cast<int>(d) : last;
     reach = warp_max(last);
   }
-  auto offset = [&](int64_t t) { return line.row(t) * L; };
+  const scalar_t* m_before = method == kTRWP ? m_r : old_messages + r * N * L;  // direction r before this sweep
   auto load = [&](int64_t t, ForwardInputs<scalar_t, K>& in) {
     if (t >= length) return;
-    const int64_t off = offset(t);
+    const int64_t off = line.row(t) * L;
     if (method == kSGM) {
       load_row(unary + off, lane, L, in.a, inf);
       load_row(out + off, lane, L, in.o, scalar_t(0));
     } else {
       load_row(total + off, lane, L, in.a, inf);
       load_row(m_opp + off, lane, L, in.o, scalar_t(0));
-      load_row((method == kTRWP ? m_r : old_messages + r * N * L) + off, lane, L, in.m, scalar_t(0));
+      load_row(m_before + off, lane, L, in.m, scalar_t(0));
     }
     if (t > 0) in.w = grid.weights[grid.weight_slot(r, line.b, line.pixel(t - 1), line.pixel(t))];
   };
@@ -656,7 +656,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   if (scanline >= grid.batch * n_starts) return;
   const Scanline line(grid, chain, n_starts, scanline);
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), length = line.length;
-  const scalar_t rho = static_cast<scalar_t>(2.0 / static_cast<double>(grid.n_directions));
+  const scalar_t rho = grid.rho();
   scalar_t* shared_row = reinterpret_cast<scalar_t*>(shared) + threadIdx.x / 32 * L;
   const scalar_t* v_r = grid.v_r(r);
   scalar_t* gv_r =
@@ -667,10 +667,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   scalar_t* e_base = method == kTRWP ? state.extra + r * N * L : method == kISGMR ? state.pending + (r / 2) * N * L
                                                                                   : state.extra;
   scalar_t* o_base = state.extra + (r ^ 1) * N * L;  // TRWP only
-  auto offset = [&](int64_t t) { return line.row(t) * L; };
   auto load = [&](int64_t t, BackwardInputs<scalar_t, K>& in) {
     if (t < 0) return;
-    const int64_t off = offset(t);
+    const int64_t off = line.row(t) * L;
     load_row(a_base + off, lane, L, in.a, scalar_t(0));
     load_row(e_base + off, lane, L, in.e, scalar_t(0));
     if (method == kTRWP) load_row(o_base + off, lane, L, in.o, scalar_t(0));
@@ -693,7 +692,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       const int64_t t = t0 - s;
       if (t < 0) break;
       BackwardInputs<scalar_t, K>& in = ring[s];
-      const int64_t off = offset(t);
+      const int64_t off = line.row(t) * L;
       scalar_t g[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
@@ -748,10 +747,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         for (int k = 0; k < K; ++k) in.e[k] += g[k];
         store_row(e_base + off, lane, L, in.e);
       }
-      if (t == 0) {
-        load(t - kRing, in);
-        continue;
-      }
+      if (t == 0) continue;  // SGM's path start: no sender
       scalar_t weight_grad = 0;
       if (potts) {
 #pragma unroll
