@@ -440,6 +440,43 @@ def test_cuda_warp_and_block_sweeps_agree(monkeypatch, n_labels):
 
 
 @pytest.mark.cuda
+def test_cuda_many_labels_use_the_shared_memory_opt_in():
+    """6300 float64 labels: the block sweeps' two shared label rows (98.5 KiB) exceed CUDA's default 48 KiB per block
+    and run with the launch's opt-in (every GPU the build targets allows >= 99 KiB); TRWP-4 and ISGMR-4 equal the
+    CPU op, indices exactly (no pairwise gradient: its accumulators would be L^2 per CPU thread)."""
+    n_labels = 6300
+    unary, _, weights = random_inputs(11, 1, n_labels, 3, 4, 4)
+    potts = Pairwise("potts", 0.9)
+    matrix = potts.matrix(n_labels, dtype=F64)
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(11), dtype=F64)
+
+    def run(device, options):
+        tensors = [t.to(device) for t in (unary, matrix, weights, grad_costs)]
+        costs, p, q = torch.ops.app.message_passing(*tensors[:3], *options)
+        grads = torch.ops.app.message_passing_backward(tensors[3], *tensors[1:3], p, q, *options, False, True)
+        return [t.cpu() for t in (costs, p, q, grads[0], grads[2])]
+
+    for method in ("trwp", "isgmr"):
+        options = (_METHOD_IDS[method], 4, 2, _pairwise_kind(potts))
+        on_gpu, on_cpu = run("cuda", options), run("cpu", options)
+        for index, (got, expected) in enumerate(zip(on_gpu, on_cpu, strict=True)):
+            if index in (1, 2):
+                assert torch.equal(got, expected), (method, index)
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+def test_cuda_refuses_more_labels_than_shared_memory_holds():
+    """More labels than the GPU's shared memory per block holds: a ValueError that points to the CPU op."""
+    n_labels = 16000  # 250 KiB of float64 rows, more than any GPU's opt-in limit (227 KiB on sm_90)
+    unary = torch.rand(1, n_labels, 1, 2, dtype=F64, device="cuda")
+    matrix = Pairwise("potts", 1.0).matrix(n_labels, dtype=F64, device="cuda")
+    with pytest.raises(ValueError, match="run it on the CPU"):
+        message_passing(unary, matrix, None, "isgmr", 4, 1)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", ("potts", "truncated_linear", "truncated_quadratic"))
 def test_cuda_fast_paths_match_reference(kind):
     unary, matrix, weights = random_inputs(10, 1, 40, 8, 12, 4, device="cuda")

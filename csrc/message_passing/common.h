@@ -416,7 +416,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                             v_t.const_data_ptr<scalar_t>(), kind};
   at::Tensor grad_weights = at::zeros_like(weights);
-  at::Tensor grad_v = at::zeros({Sweeps::accumulators(L), 2, L, L}, g.options());
+  // (accumulators, 2, L, L) only where V needs a gradient: at thousands of labels it is hundreds of MiB
+  at::Tensor grad_v =
+      pairwise_grad ? at::zeros({Sweeps::accumulators(L), 2, L, L}, g.options()) : at::Tensor();
   const index_t* p_data = p.const_data_ptr<index_t>();
   const index_t* q_data = q.const_data_ptr<index_t>();
   auto run = [&](int64_t it, int64_t r_first, BackwardState<scalar_t> state) {
@@ -459,8 +461,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     }
     grad_unary = current;
   }
-  const at::Tensor v_sums = grad_v.sum(0);
-  at::Tensor grad_pairwise = v_sums[0] + v_sums[1].t();
+  at::Tensor grad_pairwise = at::zeros({L, L}, g.options());
+  if (pairwise_grad) {
+    const at::Tensor v_sums = grad_v.sum(0);
+    grad_pairwise = v_sums[0] + v_sums[1].t();
+  }
   return {transposed_copy<scalar_t>(grad_unary, B, H * W, {B, L, H, W}), grad_pairwise, grad_weights};
 }
 

@@ -817,6 +817,19 @@ struct Sweeps {
     }
   }
 
+  // The block sweeps keep two rows of labels in shared memory: more labels than fit in what the device gives a block
+  // are refused with a ValueError (the CPU op has no label limit) instead of a failed launch.
+  template <typename scalar_t>
+  static size_t checked_shared_bytes(int64_t n_labels, size_t bytes) {
+    const size_t limit = Launch::max_shared_bytes();
+    TORCH_CHECK_VALUE(bytes <= limit, "message_passing on CUDA: ", n_labels, " labels (computed in ",
+                      c10::CppTypeToScalarType<scalar_t>::value, ") need ", bytes,
+                      " bytes of shared memory per thread block, more than this GPU's ", limit,
+                      " (about ", limit / (2 * sizeof(scalar_t)),
+                      " labels); run it on the CPU, which has no label limit");
+    return bytes;
+  }
+
   // The scan step of direction r and its number of scanlines (one block or warp each, per image).
   static Chain chain_of(int64_t height, int64_t width, int64_t r, int64_t& n_starts) {
     Chain chain{0, 0};
@@ -841,7 +854,8 @@ struct Sweeps {
       }
     }
     const int threads = threads_for(grid.n_labels), warps = threads / 32;
-    const size_t shared = (2 * grid.n_labels + warps) * sizeof(scalar_t) + warps * sizeof(int);
+    const size_t shared = checked_shared_bytes<scalar_t>(
+        grid.n_labels, (2 * grid.n_labels + warps) * sizeof(scalar_t) + warps * sizeof(int));
     Launch::run(forward_sweep_kernel<scalar_t, index_t>, grid.batch * n_starts, threads, shared, grid, method, r,
                 chain, n_starts, unary, total, old_messages, messages, out, idx);
   }
@@ -862,7 +876,8 @@ struct Sweeps {
       }
     }
     const int threads = threads_for(grid.n_labels);
-    const size_t shared = (2 * grid.n_labels + threads / 32) * sizeof(scalar_t);
+    const size_t shared =
+        checked_shared_bytes<scalar_t>(grid.n_labels, (2 * grid.n_labels + threads / 32) * sizeof(scalar_t));
     Launch::run(backward_sweep_kernel<scalar_t, index_t>, grid.batch * n_starts, threads, shared, grid, method, r,
                 chain, n_starts, state, accumulators(grid.n_labels), p, q);
   }

@@ -16,7 +16,7 @@
 // points); blocks running concurrently; atomics beyond plain host read-modify-writes; 2-D and 3-D grids and
 // blocks; static __shared__ arrays; __activemask; the device's FMA contraction of a * b + c (host arithmetic rounds
 // every operation, as __fmul_rn and __fadd_rn do: build with -ffp-contract=off and without -ffast-math); hardware
-// limits other than 1024 threads per block and 48 KiB of dynamic shared memory; speed.
+// limits other than 1024 threads per block and kMaxDynamicSharedBytes of dynamic shared memory; speed.
 #pragma once
 
 #include <sys/mman.h>
@@ -50,7 +50,9 @@ namespace emulation {
 
 constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 1024;
-constexpr size_t kMaxDynamicSharedBytes = 48 << 10;  // without the opt-in that CudaLaunch does not make
+// With CudaLaunch's opt-in: the smallest limit of the GPUs the kernels may run on (sm_86 / sm_89, 99 KiB; sm_80 has
+// 163 KiB, sm_90 227 KiB)
+constexpr size_t kMaxDynamicSharedBytes = 99 << 10;
 constexpr size_t kStackBytes = 128 << 10;
 constexpr uint64_t kScheduleSeed = 0x9e3779b97f4a7c15u;
 
@@ -234,7 +236,8 @@ class Device {
     }
     if (shared_bytes > kMaxDynamicSharedBytes) {
       throw std::runtime_error("emulated CUDA: " + std::to_string(shared_bytes) +
-                               " bytes of dynamic shared memory, more than a launch may ask for (49152)");
+                               " bytes of dynamic shared memory, more than a block may have (" +
+                               std::to_string(kMaxDynamicSharedBytes) + ")");
     }
     const std::lock_guard<std::mutex> lock(mutex_);
     prepare(call, blocks, threads, shared_bytes);
@@ -643,6 +646,7 @@ To bit_cast(From from) {
 
 // The launch policy of the emulation: Launch::run of csrc/cuda_launch.h, on the CPU.
 struct EmulatedLaunch {
+  static size_t max_shared_bytes() { return emulation::kMaxDynamicSharedBytes; }
   template <typename... Params, typename... Args>
   static void run(void (*kernel)(Params...), int64_t blocks, int threads, size_t shared_bytes, Args&&... args) {
     static_assert(sizeof...(Params) == sizeof...(Args), "one argument per kernel parameter");

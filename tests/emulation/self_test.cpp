@@ -128,13 +128,14 @@ __global__ void misuse_kernel(int64_t which) {
 
 __global__ void empty_kernel() {}
 
-// Launches that must fail: misuse_kernel's cases 0-4 on one warp; 5, 6: 0 and 1025 threads; 7: 48 KiB + 1 of
-// dynamic shared memory.
+// Launches that must fail: misuse_kernel's cases 0-4 on one warp; 5, 6: 0 and 1025 threads; 7: one byte more
+// dynamic shared memory than a block may have.
 void misuse(int64_t which) {
   if (which < 5) {
     app::EmulatedLaunch::run(misuse_kernel, 1, 32, 0, which);
   } else {
-    app::EmulatedLaunch::run(empty_kernel, 1, which == 5 ? 0 : which == 6 ? 1025 : 32, which == 7 ? 49153 : 0);
+    app::EmulatedLaunch::run(empty_kernel, 1, which == 5 ? 0 : which == 6 ? 1025 : 32,
+                             which == 7 ? app::EmulatedLaunch::max_shared_bytes() + 1 : 0);
   }
 }
 
