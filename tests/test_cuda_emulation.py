@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_message_passing import EXACT_LABELS, F64, exact_run, forward_and_backward, random_inputs
+from test_message_passing import (
+    EXACT_LABELS,
+    F64,
+    assert_outputs_match,
+    exact_run,
+    forward_and_backward,
+    random_inputs,
+)
 from torch.utils import cpp_extension
 
 from app.ops import Pairwise
@@ -81,11 +88,7 @@ def test_emulated_cuda_sweeps_match_cpu_on_random_inputs(emulated_ops, method, k
     tensors = (unary, matrix, weights, grad_costs, _METHOD_IDS[method], 16, 2, _pairwise_kind(pairwise))
     on_cpu = forward_and_backward(*tensors)
     emulated = forward_and_backward(*tensors, ops=emulated_ops)
-    for index, (got, expected) in enumerate(zip(emulated, on_cpu, strict=True)):
-        if index in (1, 2):
-            assert torch.equal(got, expected), index
-        else:
-            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_outputs_match(emulated, on_cpu, 1e-12)
 
 
 @pytest.mark.parametrize("kind", ("potts", "matrix"))
@@ -128,11 +131,7 @@ def test_emulated_cuda_block_sweeps_beyond_the_default_shared_memory(emulated_op
     tensors = (unary, matrix, weights, grad_costs, _METHOD_IDS["trwp"], 4, 1, pairwise_kind)
     on_cpu = forward_and_backward(*tensors)
     emulated = forward_and_backward(*tensors, ops=emulated_ops)
-    for index, (got, expected) in enumerate(zip(emulated, on_cpu, strict=True)):
-        if index in (1, 2):
-            assert torch.equal(got, expected), index
-        else:
-            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert_outputs_match(emulated, on_cpu, 1e-12)
 
 
 def test_emulated_cuda_refuses_more_labels_than_shared_memory_holds(emulated_ops):

@@ -357,6 +357,21 @@ def forward_and_backward(
     return (costs, p, q, *grads)
 
 
+def assert_outputs_match(got, expected, tolerance: float, context=None) -> None:
+    """forward_and_backward outputs: the stored indices p, q equal, costs and gradients to ``tolerance``."""
+    for index, (x, y) in enumerate(zip(got, expected, strict=True)):
+        if index in (1, 2):
+            assert torch.equal(x.cpu(), y.cpu()), (context, index)
+        else:
+            torch.testing.assert_close(
+                x.cpu(),
+                y.cpu(),
+                rtol=tolerance,
+                atol=tolerance,
+                msg=lambda m, i=index: f"{context}, output {i}: {m}",
+            )
+
+
 def exact_run(n_labels: int, dtype: torch.dtype, seed: int, device: str = "cpu", ops=torch.ops.app):
     """forward_and_backward of every exact run and pairwise kind on exact_inputs with integer output gradients in
     [-2, 2]: {(kind, method id, directions, iterations): outputs}."""
@@ -432,11 +447,7 @@ def test_cuda_warp_and_block_sweeps_agree(monkeypatch, n_labels):
             warp = forward_and_backward(*tensors, *options)
             monkeypatch.setenv("APP_CUDA_BLOCK_SWEEPS", "1")
             block = forward_and_backward(*tensors, *options)
-            for index, (got, expected) in enumerate(zip(warp, block, strict=True)):
-                if index in (1, 2):
-                    assert torch.equal(got, expected), (method, index)
-                else:
-                    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            assert_outputs_match(warp, block, 1e-4, method)
 
 
 @pytest.mark.cuda
@@ -458,12 +469,7 @@ def test_cuda_many_labels_use_the_shared_memory_opt_in():
 
     for method in ("trwp", "isgmr"):
         options = (_METHOD_IDS[method], 4, 2, _pairwise_kind(potts))
-        on_gpu, on_cpu = run("cuda", options), run("cpu", options)
-        for index, (got, expected) in enumerate(zip(on_gpu, on_cpu, strict=True)):
-            if index in (1, 2):
-                assert torch.equal(got, expected), (method, index)
-            else:
-                torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert_outputs_match(run("cuda", options), run("cpu", options), 1e-12, method)
 
 
 @pytest.mark.cuda
