@@ -441,20 +441,77 @@ struct DiagonalGradient {
   }
 };
 
-// Backward of one message (Alg. 3-4): gm (gradient of the normalised message, with sum_l gm(l) = g_sum) -> gu
-// (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender costs gs (Eq. 3.30), the edge
-// weight gw (Eq. 3.33) and V_r (Eq. 3.36; gv_r, and gv_diag for its diagonal). gw and gv_r are nullptr where that
-// gradient is not needed (gv_diag is then left alone). Other pairwise: vectorised for labels that keep their sender
-// label (p(l) = l) and for those that jump to the label m0 of the first jump, a scalar scatter for any other p(l).
-// potts: V = c [a != b], so every jump goes to one label m0 and adds c gu to gw: one pass over the labels, which
-// finds m0 as the lanes' maximum of the jumping labels' indices and leaves V's row m0 to a short second pass over
-// `row_scratch` (L values).
+// Backward of one Potts message (Alg. 3-4), fused into the caller's pass over the labels that computes the gradient
+// gm of the normalised message: V = c [a != b], so every label either keeps its sender label (p(l) = l) or jumps to
+// the one label m0, and each jump adds c gu to the edge weight's gradient (Eq. 3.33). chunk() scatters gm, not yet
+// gu = gm - [l = q] g_sum (Eq. 3.5), to the sender costs gs (Eq. 3.30: kept labels; the jumps' sum waits for m0, the
+// lanes' maximum of the jumping labels' indices) and to V's diagonal and row m0 (Eq. 3.36; gv_diag, row_scratch),
+// finish() takes the q term off where q's gradient went and adds the jumps at m0. gs must not alias gm's source, so
+// that the pass's loads can move above its stores.
+template <typename scalar_t, typename index_t>
+struct PottsScatter {
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
+  using Mask = typename V::Mask;
+  const index_t* __restrict__ p;
+  scalar_t* __restrict__ gs;
+  scalar_t* __restrict__ gv_diag;      // nullptr: V needs no gradient
+  scalar_t* __restrict__ row_scratch;  // (L): w gm of the jumps, for V's row m0
+  scalar_t w;
+  int32_t n;
+  Values to_m0{};
+  Mask target = Mask{} - 1;  // the jumps' label in the lanes that jump, -1 elsewhere
+
+  APP_FLATTEN void chunk(int32_t l, int32_t count, const Values& gm) {
+    const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
+    const Mask stays = m == labels, jumps = ~stays & (labels < n);
+    const Values kept = V::select(stays, gm), jumped = V::select(jumps, gm);
+    V::store(gs + l, kept, count);
+    to_m0 += jumped;
+    target = jumps ? m : target;
+    if (gv_diag != nullptr) {
+      V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+      V::store(row_scratch + l, w * jumped, count);
+    }
+  }
+
+  // q and g_sum of Eq. 3.5; v_r's row 0 holds c = V(0, 1); gw and gv_r nullptr where not needed.
+  APP_FLATTEN void finish(int32_t q, scalar_t g_sum, const scalar_t* __restrict__ v_r, scalar_t* gw,
+                          scalar_t* __restrict__ gv_r) {
+    const bool q_jumps = static_cast<int32_t>(p[q]) != q;
+    scalar_t total = V::total(to_m0);
+    if (q_jumps) {
+      total -= g_sum;
+      if (gv_diag != nullptr) row_scratch[q] -= w * g_sum;
+    } else {
+      gs[q] -= g_sum;
+      if (gv_diag != nullptr) gv_diag[q] -= w * g_sum;
+    }
+    const auto larger = [](const Mask& x, const Mask& y) { return x > y ? x : y; };
+    const int32_t m0 = static_cast<int32_t>(V::fold(target, larger));
+    if (m0 < 0) return;
+    gs[m0] += total;
+    if (gw != nullptr) *gw += total * v_r[1];
+    if (gv_diag != nullptr) {
+      scalar_t* __restrict__ gv_row = gv_r + m0 * n;
+      for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+        V::store(gv_row + l, V::values(gv_row + l, count) + V::values(row_scratch + l, count), count);
+      });
+    }
+  }
+};
+
+// Backward of one message of a pairwise other than Potts (Alg. 3-4): gm (gradient of the normalised message, with
+// sum_l gm(l) = g_sum) -> gu (Eq. 3.5 through q: gu = gm - [l = q] g_sum), then scattered through p to the sender
+// costs gs (Eq. 3.30), the edge weight gw (Eq. 3.33) and V_r (Eq. 3.36; gv_r, and gv_diag for its diagonal). gw and
+// gv_r are nullptr where that gradient is not needed (gv_diag is then left alone). Vectorised for labels that keep
+// their sender label (p(l) = l) and for those that jump to the label m0 of the first jump, a scalar scatter for any
+// other p(l).
 template <typename scalar_t, typename index_t>
 APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, scalar_t g_sum, index_t q,
                                   const index_t* __restrict__ p, const scalar_t* __restrict__ v_r,
                                   const scalar_t* __restrict__ v_diag, scalar_t w, scalar_t* __restrict__ gs,
-                                  scalar_t* gw, scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag,
-                                  bool potts, scalar_t* __restrict__ row_scratch) {
+                                  scalar_t* gw, scalar_t* __restrict__ gv_r, scalar_t* __restrict__ gv_diag) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
@@ -464,37 +521,6 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   auto gu = [&](int32_t l, int32_t count) {
     return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
   };
-  if (potts) {
-    Values to_m0{};
-    Mask target = Mask{} - 1;  // the jumps' label in the lanes that jump, -1 elsewhere
-    for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-      const Values g_l = gu(l, count);
-      const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
-      const Mask stays = m == labels, jumps = ~stays & (labels < n);
-      const Values kept = V::select(stays, g_l), jumped = V::select(jumps, g_l);
-      V::store(gs + l, kept, count);
-      to_m0 += jumped;
-      target = jumps ? m : target;
-      if (pairwise_needed) {
-        V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
-        V::store(row_scratch + l, w * jumped, count);
-      }
-    });
-    const int32_t m0 = static_cast<int32_t>(V::fold(target, [](const Mask& x, const Mask& y) { return x > y ? x : y; }));
-    if (m0 >= 0) {
-      const scalar_t total = V::total(to_m0);
-      gs[m0] += total;
-      if (weight_needed) *gw += total * v_r[1];
-      if (pairwise_needed) {
-        scalar_t* __restrict__ gv_row = gv_r + m0 * n_labels;
-        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-          V::store(gv_row + l, V::values(gv_row + l, count) + V::values(row_scratch + l, count), count);
-        });
-      }
-    }
-    g[q_label] -= g_sum;
-    return;
-  }
   Mask first = Mask{} + n;  // the first label that leaves its sender label, n if none
   for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
     const Mask labels = V::labels(l);
@@ -511,7 +537,6 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
       if (pairwise_needed) V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
     });
     if (weight_needed) *gw += V::total(weight_grad);
-    g[q_label] -= g_sum;
     return;
   }
   const int32_t m0 = static_cast<int32_t>(p[first_jump]);
@@ -535,7 +560,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   });
   gs[m0] += V::total(to_m0);
   scalar_t weight_total = V::total(weight_grad);
-  g[q_label] -= g_sum;
+  g[q_label] -= g_sum;  // gu for the scalar scatter below
   int64_t n_other = V::total(others);
   for (int32_t l = first_jump + 1; n_other > 0 && l < n; ++l) {
     const int32_t m = static_cast<int32_t>(p[l]);
@@ -559,71 +584,88 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
   const scalar_t rho = grid.rho();
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
   for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
+  constexpr int64_t kSlots = 2 * kBlockPixels;
   scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r =
         state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
     const index_t* p = iteration.p + r * N * L;
     const index_t* q = iteration.q + r * N;
-    // carry[slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline
+    // carry[half][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline.
+    // The Potts pass writes the other half than it reads (and flips the slot's half); other kinds work in place.
     return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
-            row_scratch = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kBlockPixels * L),
-            gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
-               int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable {
+            row_scratch = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kSlots * L),
+            half = std::vector<uint8_t>(kSlots), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
+               int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable APP_FLATTEN {
       const int64_t i = b * P + pixel, off = i * L;
-      scalar_t* __restrict__ gs = carry.data() + slot * L;
-      scalar_t* __restrict__ g_i = g.data();
-      // carried gradient of h_i on the labels [l, l + count)
-      auto carried = [&](int32_t l, int32_t count) { return has_successor ? V::values(gs + l, count) : Values{}; };
+      const scalar_t* carried = carry.data() + (half[slot] * kSlots + slot) * L;
+      // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
+      // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
+      auto method_pass = [&](const auto& per_chunk) {
+        const scalar_t* __restrict__ from = carried;
+        auto carried_chunk = [&](int32_t l, int32_t count) {
+          return has_successor ? V::values(from + l, count) : Values{};
+        };
+        if (method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
+          scalar_t* __restrict__ c = state.common + off;
+          scalar_t* __restrict__ e_r = state.extra + r * N * L + off;
+          scalar_t* __restrict__ e_opp = state.extra + (r ^ 1) * N * L + off;
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values from_successor = carried_chunk(l, count);
+            const Values c_l = V::values(c + l, count) + rho * from_successor;
+            const Values g_l = c_l + V::values(e_r + l, count);
+            V::store(c + l, c_l, count);
+            V::store(e_r + l, -c_l, count);
+            V::store(e_opp + l, V::values(e_opp + l, count) - from_successor, count);
+            per_chunk(l, count, g_l);
+          });
+        } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
+          const scalar_t* __restrict__ g_pair = state.extra + (r / 2) * N * L + off;
+          scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
+          const bool first_of_pair = r == r_first;  // its sweep visits every pixel: it writes pending, no zeroing
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values from_successor = carried_chunk(l, count);
+            V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
+                     count);
+            per_chunk(l, count, V::values(g_pair + l, count) + from_successor);
+          });
+        } else {  // SGM: h_i = m^r_i; the receiver's unary (or the path start's) enters u directly: its gradient
+                  // is gu, here gm, the q term taken off after the pass
+          const scalar_t* __restrict__ common = state.common + off;
+          scalar_t* __restrict__ grad_unary = state.extra + off;
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values g_l = V::values(common + l, count) + carried_chunk(l, count);
+            V::store(grad_unary + l, V::values(grad_unary + l, count) + g_l, count);
+            per_chunk(l, count, g_l);
+          });
+        }
+      };
       Values g_sum{};
-      if (method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
-        scalar_t* __restrict__ c = state.common + off;
-        scalar_t* __restrict__ e_r = state.extra + r * N * L + off;
-        scalar_t* __restrict__ e_opp = state.extra + (r ^ 1) * N * L + off;
-        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-          const Values from_successor = carried(l, count);
-          const Values c_l = V::values(c + l, count) + rho * from_successor;
-          const Values g_l = c_l + V::values(e_r + l, count);
-          V::store(c + l, c_l, count);
-          V::store(g_i + l, g_l, count);
-          V::store(e_r + l, -c_l, count);
-          V::store(e_opp + l, V::values(e_opp + l, count) - from_successor, count);
+      const int64_t slot_w = predecessor < 0 ? 0 : grid.weight_slot(r, b, predecessor, pixel);
+      scalar_t* gw = state.grad_weights == nullptr || predecessor < 0 ? nullptr : state.grad_weights + slot_w;
+      if (grid.kind == kPotts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
+        half[slot] ^= 1;
+        PottsScatter<scalar_t, index_t> scatter{p + off, carry.data() + (half[slot] * kSlots + slot) * L,
+                                                gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
+                                                grid.weights[slot_w], n};
+        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
           g_sum += g_l;
+          scatter.chunk(l, count, g_l);
         });
-      } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
-        const scalar_t* __restrict__ g_pair = state.extra + (r / 2) * N * L + off;
-        scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
-        const bool first_of_pair = r == r_first;  // its sweep visits every pixel: it writes pending, no zeroing
-        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-          const Values from_successor = carried(l, count);
-          const Values g_l = V::values(g_pair + l, count) + from_successor;
-          V::store(g_i + l, g_l, count);
-          V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
-                   count);
-          g_sum += g_l;
-        });
-      } else {  // SGM: h_i = m^r_i
-        const scalar_t* __restrict__ common = state.common + off;
-        for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-          const Values g_l = V::values(common + l, count) + carried(l, count);
-          V::store(g_i + l, g_l, count);
-          g_sum += g_l;
-        });
-      }
-      if (predecessor < 0 && method != kSGM) return;  // constant first message
-      const scalar_t g_total = V::total(g_sum);
-      if (predecessor < 0) {  // SGM path start: the normalised unary, no sender
-        g_i[q[i]] -= g_total;
+        scatter.finish(static_cast<int32_t>(q[i]), V::total(g_sum), v_r, gw, gv_r);
       } else {
-        const int64_t slot_w = grid.weight_slot(r, b, predecessor, pixel);
-        message_backward(L, g_i, g_total, q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w], gs,
-                         state.grad_weights == nullptr ? nullptr : state.grad_weights + slot_w, gv_r,
-                         gv_diag.values.data(), grid.kind == kPotts, row_scratch.data());
+        scalar_t* __restrict__ g_i = g.data();
+        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
+          V::store(g_i + l, g_l, count);
+          g_sum += g_l;
+        });
+        if (predecessor >= 0) {
+          message_backward(L, g_i, V::total(g_sum), q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w],
+                           carry.data() + (half[slot] * kSlots + slot) * L, gw, gv_r, gv_diag.values.data());
+        }
       }
-      if (method == kSGM) {  // the receiver's unary (or the path start's) enters u directly
-        scalar_t* __restrict__ grad_unary = state.extra + off;
-#pragma omp simd
-        for (int64_t l = 0; l < L; ++l) grad_unary[l] += g_i[l];
-      }
+      // SGM: the q term of gu on the unary gradient (also at a path start, which has no sender; TRWP's and ISGMR's
+      // first messages are constant)
+      if (method == kSGM) state.extra[off + q[i]] -= V::total(g_sum);
     };
   });
 }
