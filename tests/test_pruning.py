@@ -494,6 +494,38 @@ def test_sparsity_that_empties_a_layer_names_it_and_offers_the_search_result():
         prune_at_init(SkipNet(2), make_batches(2), ce_loss, sparsity=0.97, method="vanilla")
 
 
+class ZeroInitResidual(nn.Module):
+    """stem -> residual block whose last BatchNorm starts at weight 0 (timm's zero_init_last) -> head: the loss
+    has no gradient with respect to the block's convolutions at initialization."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1)
+        self.last = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        nn.init.zeros_(self.norm.weight)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.stem(x))
+        return self.head(F.relu(a + self.norm(self.last(F.relu(self.inner(a))))))
+
+
+def test_layers_without_gradient_at_initialization_are_named():
+    with pytest.warns(UserWarning, match=r"no gradient with respect to the weights of \['inner'"):
+        analysis = analyze_model(ZeroInitResidual(), make_batches(2), ce_loss)
+    assert analysis.zero_gradient_layers() == ["inner", "last"]
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(ValueError, match=r"removes every neuron of layer\(s\) \['inner'\].*zero_init_last"),
+    ):
+        prune_at_init(ZeroInitResidual(), make_batches(2), ce_loss, sparsity=0.5)
+    model = ZeroInitResidual()
+    nn.init.ones_(model.norm.weight)
+    assert not analyze_model(model, make_batches(2), ce_loss).zero_gradient_layers()
+
+
 def test_no_prunable_layer():
     class Scale(nn.Module):
         def __init__(self):

@@ -8,6 +8,7 @@ or Alg. 6 when no sparsity is given) + :func:`apply_selection` (surgery and the 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,11 @@ class PruningAnalysis:
             seed,
             keep_top,
         )
+
+    def zero_gradient_layers(self) -> list[str]:
+        """Prunable layers whose weights get no gradient from the loss at initialization: all their neurons
+        have importance 0 (Eq. 5.6-5.8), so every method removes them first."""
+        return [name for name in self.graph.prunable_layers() if not self.gradients.absolute[name].any()]
 
     def max_sparsity(
         self,
@@ -245,8 +251,21 @@ def analyze_model(
         gradients = parameter_mask_gradients(
             model, taken, loss_fn, layers=list(graph.layers), progress=progress
         )
-    return PruningAnalysis(
+    analysis = PruningAnalysis(
         graph=graph, gradients=gradients, resources=resources, loss_fn=loss_fn, batch=taken[0]
+    )
+    zero = analysis.zero_gradient_layers()
+    if zero:
+        warnings.warn(_zero_gradient_hint(zero), stacklevel=2)
+    return analysis
+
+
+def _zero_gradient_hint(layers: list[str]) -> str:
+    return (
+        f"the loss has no gradient with respect to the weights of {layers} at initialization, so their "
+        "neurons all have importance 0 and are pruned first; a normalisation layer initialised to zero "
+        "after them does this (timm's residual blocks with zero_init_last=True, for instance): build the "
+        "model without it, or keep these layers with ignored_layers"
     )
 
 
@@ -310,10 +329,11 @@ def select_checked(
     )
     if not selection.feasible:
         max_sparsity = analysis.max_sparsity(method, importance, reduction, lam, seed)
+        zero = [name for name in selection.empty_layers if name in analysis.zero_gradient_layers()]
         raise ValueError(
             f"sparsity {sparsity} removes every neuron of layer(s) {selection.empty_layers} with method "
             f"{method!r}; the largest feasible sparsity (Alg. 6) is {max_sparsity:.4f} "
-            "(or use on_empty_layer='keep_top')"
+            "(or use on_empty_layer='keep_top')" + (f". Note: {_zero_gradient_hint(zero)}" if zero else "")
         )
     return selection, max_sparsity
 
