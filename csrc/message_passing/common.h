@@ -234,9 +234,10 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
 // ---- Host driver shared by the CPU and CUDA kernels. `Sweeps` provides forward_pair / backward_pair, the
 // sweeps of two opposite directions r_first and r_first ^ 1 over all their scanlines (forward: r_first first;
 // backward: in reverse scan order, r_first first), accumulators(L) (the number of (2, L, L) pairwise-gradient
-// buffers, summed at the end) and isgmr_combine(pending, pair_grads, grad_unary), the end of one ISGMR iteration's replay: with
-// P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and pair_grads[k] = sum_{k' != k} P[k'], leaving P as
-// the device's backward_pair expects it at the next replay (ISGMR's pending starts zeroed).
+// buffers, summed at the end), kAccumulatesPending (whether ISGMR's backward_pair adds to pending, which must then
+// start zeroed, or the first sweep of a pair writes it) and isgmr_combine(pending, pair_grads, grad_unary), the end
+// of one ISGMR iteration's replay: with P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and, where
+// pair_grads is defined, pair_grads[k] = sum_{k' != k} P[k'].
 
 // Index storage: the argmins of one iteration's sweeps, direction r at p + r N L (N = B H W, p (B, H, W, L))
 // and q + r N (q (B, H, W)).
@@ -246,14 +247,17 @@ struct SweepIndices {
   index_t* q;
 };
 
+constexpr int kMaxPairs = 8;  // pairs of opposite directions, D / 2 for D <= 16
+
 // Reverse-mode state of one method's backward; see backward_kernel for what each buffer holds.
 template <typename scalar_t>
 struct BackwardState {
   scalar_t* common;   // TRWP: C, the gradient of unary and part of every message's; SGM: gradient of the sweep output
-  scalar_t* extra;    // TRWP: E (D, N, L), message gradients are C + E[d]; ISGMR: G (K, N, L); SGM: unary gradient
+  scalar_t* extra;    // TRWP: E (D, N, L), message gradients are C + E[d]; SGM: unary gradient
   scalar_t* pending;  // ISGMR: P (K, N, L), the sender-cost gradients of the pair's sweeps
   scalar_t* grad_weights;  // nullptr: not needed
   scalar_t* grad_v;        // (accumulators, 2, L, L): V and V^T accumulators; nullptr: not needed
+  const scalar_t* pair_grad[kMaxPairs];  // ISGMR: G[k] (N, L), the gradient of m^{2k} and m^{2k+1}
 };
 
 // An uninitialised buffer like at::empty; on the CPU under Linux its memory is marked for transparent huge pages
@@ -439,16 +443,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     }
     grad_unary = common;
   } else if (method == kISGMR) {
-    // After each iteration's replay, m^{2k} and m^{2k+1} share one gradient G[k] (Alg. 3).
-    at::Tensor pair_grads = buffer_copy(g.unsqueeze(0).expand({K, B, H, W, L})).view({K, N, L});
-    at::Tensor pending = empty_buffer({K, N, L}, g.options()).zero_();
-    grad_unary = g;
-    state.extra = pair_grads.mutable_data_ptr<scalar_t>();
-    state.pending = pending.mutable_data_ptr<scalar_t>();
+    // m^{2k} and m^{2k+1} share one gradient G[k] (Alg. 3): g at the first replay, then sum_{k' != k} P[k'] of the
+    // replay before. With two pairs (4 directions) that is P[k ^ 1], read where the replay before left it: two
+    // pending buffers alternate and no G is written.
+    TORCH_CHECK(K <= kMaxPairs, "message_passing: at most ", 2 * kMaxPairs, " directions");
+    at::Tensor pending = empty_buffer({K, N, L}, g.options());
+    at::Tensor spare = K == 2 ? empty_buffer({K, N, L}, g.options()) : at::Tensor();
+    at::Tensor pair_grads = K == 2 ? at::Tensor() : empty_buffer({K, N, L}, g.options());
+    grad_unary = g;  // read as every G[k] at the first replay, updated after it
+    for (int64_t k = 0; k < K; ++k) state.pair_grad[k] = g.const_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
+      if (Sweeps::kAccumulatesPending) pending.zero_();
+      state.pending = pending.mutable_data_ptr<scalar_t>();
       for (int64_t r = 0; r < D; r += 2) run(it, r, state);
       // sum_k P[k] is the gradient of theta + the sum of all previous messages
       Sweeps::template isgmr_combine<scalar_t>(pending, pair_grads, grad_unary.view({N, L}));
+      for (int64_t k = 0; k < K; ++k) {
+        state.pair_grad[k] = K == 2 ? pending.const_data_ptr<scalar_t>() + (k ^ 1) * N * L
+                                    : pair_grads.const_data_ptr<scalar_t>() + k * N * L;
+      }
+      if (K == 2) std::swap(pending, spare);
     }
   } else {
     at::Tensor current = g;

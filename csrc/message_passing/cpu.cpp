@@ -89,13 +89,14 @@ struct CpuSweeps {
     baseline::backward_sweeps(grid, method, r_first, state, iteration);
   }
   static int64_t accumulators(int64_t) { return at::get_num_threads(); }  // one per thread
-  // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k],
-  // pair_grads[k] = sum_k' P[k'] - P[k]. P needs no zeroing: the first sweep of each pair writes it.
+  static constexpr bool kAccumulatesPending = false;  // the first sweep of each pair writes P
+  // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k] and,
+  // where pair_grads is defined, pair_grads[k] = sum_k' P[k'] - P[k].
   template <typename scalar_t>
   static void isgmr_combine(const at::Tensor& pending, const at::Tensor& pair_grads, const at::Tensor& grad_unary) {
     const int64_t n_pairs = pending.size(0), size = grad_unary.numel();
     const scalar_t* p = pending.const_data_ptr<scalar_t>();
-    scalar_t* pair = pair_grads.mutable_data_ptr<scalar_t>();
+    scalar_t* pair = pair_grads.defined() ? pair_grads.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* unary = grad_unary.mutable_data_ptr<scalar_t>();
     constexpr int64_t kChunk = 1024;
     at::parallel_for(0, size, kChunk, [&](int64_t begin, int64_t end) {
@@ -111,7 +112,7 @@ struct CpuSweeps {
         scalar_t* unary_chunk = unary + start;
 #pragma omp simd
         for (int64_t e = 0; e < count; ++e) unary_chunk[e] += total[e];
-        for (int64_t k = 0; k < n_pairs; ++k) {
+        for (int64_t k = 0; pair != nullptr && k < n_pairs; ++k) {
           const scalar_t* p_k = p + k * size + start;
           scalar_t* pair_k = pair + k * size + start;
 #pragma omp simd

@@ -619,7 +619,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
             per_chunk(l, count, g_l);
           });
         } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
-          const scalar_t* __restrict__ g_pair = state.extra + (r / 2) * N * L + off;
+          const scalar_t* __restrict__ g_pair = state.pair_grad[r / 2] + off;
           scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
           const bool first_of_pair = r == r_first;  // its sweep visits every pixel: it writes pending, no zeroing
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {

@@ -257,7 +257,7 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
         if (carry) state.extra[(r ^ 1) * N * L + off + l] -= gs[l];
       } else if (method == kISGMR) {
         const scalar_t from_sender = carry ? gs[l] : scalar_t(0);
-        g[l] = state.extra[(r / 2) * N * L + off + l] + from_sender;
+        g[l] = state.pair_grad[r / 2][off + l] + from_sender;
         state.pending[(r / 2) * N * L + off + l] += from_sender;
       } else {
         g[l] = state.common[off + l] + (carry ? gs[l] : scalar_t(0));
@@ -663,7 +663,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       state.grad_v == nullptr ? nullptr : state.grad_v + ((scanline % n_accumulators) * 2 + r % 2) * L * L;
   const bool potts = grid.kind == kPotts;
   const scalar_t jump_cost = v_r[1];  // Potts: V(0, 1)
-  scalar_t* a_base = method == kISGMR ? state.extra + (r / 2) * N * L : state.common;
+  const scalar_t* a_base = method == kISGMR ? state.pair_grad[r / 2] : state.common;
   scalar_t* e_base = method == kTRWP ? state.extra + r * N * L : method == kISGMR ? state.pending + (r / 2) * N * L
                                                                                   : state.extra;
   scalar_t* o_base = state.extra + (r ^ 1) * N * L;  // TRWP only
@@ -909,12 +909,12 @@ struct Sweeps {
   static int64_t accumulators(int64_t n_labels) {
     return std::clamp<int64_t>((int64_t{32} << 20) / (2 * n_labels * n_labels * 8), 1, 128);
   }
+  static constexpr bool kAccumulatesPending = true;  // both sweeps of a pair add to P
   template <typename scalar_t>
   static void isgmr_combine(const at::Tensor& pending, at::Tensor pair_grads, const at::Tensor& grad_unary) {
     const at::Tensor base_grad = pending.sum(0);
     grad_unary.add_(base_grad);
-    at::sub_out(pair_grads, base_grad.unsqueeze(0), pending);
-    pending.zero_();  // backward_pair accumulates into it
+    if (pair_grads.defined()) at::sub_out(pair_grads, base_grad.unsqueeze(0), pending);
   }
 };
 
