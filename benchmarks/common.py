@@ -63,6 +63,12 @@ def peak_memory_mib(fn: Callable[[], object], device: str) -> float:
     return peak / 2**20
 
 
+def mean_and_spread(values: list[float], signed: bool = False) -> str:
+    """``mean ± sample standard deviation`` to two decimals (``+`` shown on the mean when ``signed``)."""
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{'+' if signed else ''}.2f} ± {deviation:.2f}"
+
+
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

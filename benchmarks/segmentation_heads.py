@@ -19,23 +19,27 @@ images, 8 + 2 epochs, one thread.
 
     python benchmarks/segmentation_heads.py [--rows unary,trwp4] [--protocol finetune|joint]
         [--pretrain-epochs 8] [--finetune-epochs 2] [--finetune-lr 2e-4] [--image-size 64]
-        [--n-train 256] [--n-val 128] [--threads 1] [--checkpoint pretrained.ckpt]
+        [--n-train 256] [--n-val 128] [--threads 1] [--checkpoint pretrained.ckpt] [--seed 0]
+    python benchmarks/segmentation_heads.py --summarize-seeds 0 1 2 3 [--protocol ...]  # saved runs
 
 Prints a markdown table and writes benchmarks/results/segmentation_heads.json (``_joint`` for the joint
-protocol).
+protocol, ``_seed<n>`` for ``--seed`` n > 0: initialization and training order; the data are fixed).
+``--summarize-seeds`` trains nothing: mean ± standard deviation over the saved runs of each row and of each
+row's difference from the backbone alone and from its own backbone's logits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import machine, markdown_table, save_json
+from common import RESULTS, machine, markdown_table, mean_and_spread, save_json
 
 from app.cli import build_cli
 
@@ -70,6 +74,7 @@ ROWS: dict[str, tuple[str, str, list[str]]] = {
 
 def common_overrides(args: argparse.Namespace, epochs: int, root: Path) -> list[str]:
     return [
+        f"--seed_everything={args.seed}",
         f"--trainer.max_epochs={epochs}",
         "--trainer.logger=false",
         "--trainer.callbacks=[]",
@@ -98,6 +103,68 @@ def train(config: str, overrides: list[str], save_to: Path | None = None) -> tup
     return metrics, seconds
 
 
+def result_name(protocol: str, seed: int) -> str:
+    return (
+        "segmentation_heads" + ("" if protocol == "finetune" else "_joint") + (f"_seed{seed}" if seed else "")
+    )
+
+
+def summarize_seeds(protocol: str, seeds: list[int]) -> None:
+    """Mean ± standard deviation (points of mIoU / edge F) over the saved runs of ``seeds``: every row, and the
+    paired differences from the backbone alone (same seed) and from the row's own backbone logits."""
+    runs = []
+    for seed in seeds:
+        path = RESULTS / f"{result_name(protocol, seed)}.json"
+        if not path.is_file():
+            raise SystemExit(f"no saved run for seed {seed}: {path} (run the benchmark with --seed {seed})")
+        runs.append({row["row"]: row for row in json.loads(path.read_text())["rows"]})
+    rows = [row for row in runs[0] if all(row in run for run in runs)]
+    if "unary" not in rows:
+        raise SystemExit("the saved runs need the row 'unary' (the backbone alone) to compare with")
+
+    def points(
+        metric: str, row: str, minus: str | None = None, minus_metric: str | None = None
+    ) -> list[float]:
+        return [
+            100 * (run[row][metric] - (run[minus][minus_metric or metric] if minus else 0.0)) for run in runs
+        ]
+
+    table = [
+        [
+            runs[0][row]["method"],
+            mean_and_spread(points("mIoU", row)),
+            mean_and_spread(points("mIoU", row, "unary"), signed=True),
+            sum(value > 0 for value in points("mIoU", row, "unary")),
+            mean_and_spread(points("mIoU", row, row, "mIoU_backbone"), signed=True),
+            mean_and_spread(points("edge_f1@2px", row)),
+            mean_and_spread(points("edge_f1@2px", row, "unary"), signed=True),
+        ]
+        for row in rows
+    ]
+    headers = [
+        "method",
+        "val mIoU",
+        "vs backbone alone",
+        f"above it (of {len(seeds)})",
+        "vs own backbone",
+        "edge F@2px",
+        "vs backbone alone",
+    ]
+    print(f"{result_name(protocol, 0)}: seeds {seeds}, mean ± standard deviation, points")
+    print(markdown_table(headers, table))
+    summary = {
+        row: {
+            "mIoU": points("mIoU", row),
+            "mIoU_vs_unary": points("mIoU", row, "unary"),
+            "mIoU_vs_own_backbone": points("mIoU", row, row, "mIoU_backbone"),
+            "edge_f1@2px": points("edge_f1@2px", row),
+            "mean_mIoU_vs_unary": statistics.fmean(points("mIoU", row, "unary")),
+        }
+        for row in rows
+    }
+    print(f"wrote {save_json(result_name(protocol, 0) + '_seeds', {'seeds': seeds, 'rows': summary})}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -118,7 +185,18 @@ def main() -> None:
         type=Path,
         help="pretrained quickstart checkpoint: reused if it exists, else written there",
     )
+    parser.add_argument("--seed", type=int, default=0, help="initialization and training order (data fixed)")
+    parser.add_argument(
+        "--summarize-seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="train nothing: mean and spread over the saved runs of these seeds",
+    )
     args = parser.parse_args()
+    if args.summarize_seeds:
+        summarize_seeds(args.protocol, args.summarize_seeds)
+        return
     sys.argv = sys.argv[:1]  # the trainings get their arguments from build_cli(args=...)
     rows = args.rows.split(",")
     unknown = [row for row in rows if row not in ROWS]
@@ -180,9 +258,7 @@ def main() -> None:
     print(markdown_table(headers, table))
     payload = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": results}
     payload["pretrain_s"] = pretrain_seconds
-    print(
-        f"\nwrote {save_json('segmentation_heads' + ('' if args.protocol == 'finetune' else '_joint'), payload)}"
-    )
+    print(f"\nwrote {save_json(result_name(args.protocol, args.seed), payload)}")
 
 
 if __name__ == "__main__":

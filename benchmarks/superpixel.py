@@ -40,7 +40,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from common import RESULTS, machine, markdown_table, save_json
+from common import RESULTS, machine, markdown_table, mean_and_spread, save_json
 from scipy import ndimage
 from skimage import io
 from torchmetrics.classification import MulticlassJaccardIndex
@@ -377,14 +377,10 @@ def summarize_seeds(args: argparse.Namespace) -> None:
         name: {m: [run[a][m] - run[b][m] for run in runs] for m in metrics} for name, (a, b) in steps.items()
     }
 
-    def spread(values: list[float], signed: bool) -> str:
-        deviation = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.fmean(values):{'+' if signed else ''}.2f} ± {deviation:.2f}"
-
     print(f"{result_name(args, None)}: seeds {args.summarize_seeds}, mean ± standard deviation")
     for table_metrics in tables:
         table = [
-            [name, *(spread(values[m], name in steps) for m in table_metrics)]
+            [name, *(mean_and_spread(values[m], name in steps) for m in table_metrics)]
             for name, values in series.items()
         ]
         print(markdown_table(["manner", *table_metrics], table))
@@ -403,7 +399,7 @@ def summarize_seeds(args: argparse.Namespace) -> None:
         }
         print(
             recall_lost_table(
-                {source: {k: spread(v, False) for k, v in counts[source].items()} for source in SOURCES}
+                {source: {k: mean_and_spread(v) for k, v in counts[source].items()} for source in SOURCES}
             )
         )
         payload["recall_lost"] = counts
