@@ -475,10 +475,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     }
     grad_unary = current;
   }
-  at::Tensor grad_pairwise = at::zeros({L, L}, g.options());
+  at::Tensor grad_pairwise;
   if (pairwise_grad) {
     const at::Tensor v_sums = grad_v.sum(0);
     grad_pairwise = v_sums[0] + v_sums[1].t();
+  } else {
+    grad_pairwise = at::zeros({L, L}, g.options());
   }
   return {transposed_copy<scalar_t>(grad_unary, B, H * W, {B, L, H, W}), grad_pairwise, grad_weights};
 }
