@@ -14,8 +14,8 @@ overrides for the data, the budget and the optimiser:
 
 Columns: validation mIoU, pixel accuracy and edge F-measure at 2 px of the final logits, and the mIoU of
 the backbone's own logits in the same model (before the head). The default budget is reduced from the
-configs' so that the seven rows fit in ~20 min on 2 cores: 64x64 images, 256 training and 128 validation
-images, 8 + 2 epochs, one thread.
+configs' so that the seven rows fit in minutes on one core (3 min idle, ~20 min on a loaded host): 64x64
+images, 256 training and 128 validation images, 8 + 2 epochs, one thread.
 
     python benchmarks/segmentation_heads.py [--rows unary,trwp4] [--protocol finetune|joint]
         [--pretrain-epochs 8] [--finetune-epochs 2] [--finetune-lr 2e-4] [--image-size 64]
