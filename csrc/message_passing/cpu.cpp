@@ -103,8 +103,11 @@ struct CpuSweeps {
       scalar_t total[kChunk];
       for (int64_t start = begin; start < end; start += kChunk) {
         const int64_t count = std::min(kChunk, end - start);
-        std::copy(p + start, p + start + count, total);
-        for (int64_t k = 1; k < n_pairs; ++k) {
+        const scalar_t* p_0 = p + start;
+        const scalar_t* p_1 = p + size + start;  // D >= 4: at least two pairs
+#pragma omp simd
+        for (int64_t e = 0; e < count; ++e) total[e] = p_0[e] + p_1[e];
+        for (int64_t k = 2; k < n_pairs; ++k) {
           const scalar_t* p_k = p + k * size + start;
 #pragma omp simd
           for (int64_t e = 0; e < count; ++e) total[e] += p_k[e];
