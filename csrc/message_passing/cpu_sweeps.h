@@ -216,11 +216,13 @@ APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
   return q;
 }
 
-// Potts message fused with Eq. 3.5: m(lambda) = min(h(lambda), min h + c) - min h with c = w V(0, 1) >= 0, in
-// one pass over the labels; writes m and p, returns q. Same argmins (ties to the lower label) as the dense
-// min-convolution followed by normalise.
+// Potts message in one pass over the labels: u(lambda) = min(h(lambda), min h + c) with c = w V(0, 1) >= 0, written to
+// m with its argmins p. Without a receiver, fused with Eq. 3.5: m = u - min h, and q (the first argmin of m) is
+// returned without a second pass. With one (SGM, Eq. 3.3): m = u + receiver, normalised by a second pass. Same
+// values and argmins (ties to the lower label) as the dense min-convolution followed by normalise.
 template <typename scalar_t, typename index_t>
-APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost, scalar_t* m, index_t* p) {
+APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost,
+                                         const scalar_t* receiver, scalar_t* m, index_t* p) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
@@ -232,9 +234,11 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, sc
     const Values h_l = V::values(h + l, count);
     const Mask labels = V::labels(l);
     const Mask stay = (h_l < jump) | ((h_l == jump) & (labels < best));
-    V::store(m + l, (stay ? h_l : Values{} + jump) - low, count);
+    const Values u = stay ? h_l : Values{} + jump;
+    V::store(m + l, receiver == nullptr ? u - low : u + V::values(receiver + l, count), count);
     V::template store_indices<index_t>(p + l, stay ? labels : Mask{} + best, count);
   });
+  if (receiver != nullptr) return normalise_labels(m, n_labels);
   return jump == low ? 0 : best;
 }
 
@@ -251,15 +255,14 @@ struct BandedConvolve {
   std::vector<scalar_t> padded_h, below, above;
   std::vector<int32_t> below_label, above_label;
 
-  // The band of `kind` for its (L, L) matrix v (-1: none, or wider than where it pays). Potts always has reach 0
-  // (its one-pass potts_message serves TRWP and ISGMR; SGM adds the receiver's unary before normalising). The
+  // The band of `kind` for its (L, L) matrix v (-1: none, or wider than where it pays; Potts: none, its one-pass
+  // potts_message serves every method). The
   // widths (2 reach + 1) where the band stops beating the scalar path were measured at 96 and 256 labels (single
   // thread, 64x128, TRWP-4, 5 iterations): the truncated linear distance transform took 0.22 / 0.59 s at any
   // reach, the band 0.17 / 0.51 s at width 65 and 0.23 / 0.66 s at 97; the truncated quadratic's envelope
   // 0.36 / 1.0 s, the band 0.30 / 0.85 s at 129 and 0.41 / 1.17 s at 193.
   static int64_t reach_for(int64_t kind, const scalar_t* v, int64_t n_labels) {
-    const int64_t max_width = kind == kPotts               ? 1
-                              : kind == kTruncatedLinear    ? 65
+    const int64_t max_width = kind == kTruncatedLinear      ? 65
                               : kind == kTruncatedQuadratic ? 129
                                                             : 0;
     int64_t reach = n_labels - 1;  // the last d with V(0, d) below the cap
@@ -331,8 +334,8 @@ void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, s
                      scalar_t* u, ConvolveScratch& scratch, BandedConvolve<scalar_t>& banded, index_t* p,
                      index_t* q) {
   const int64_t n_labels = grid.n_labels;
-  if (grid.kind == kPotts && receiver == nullptr) {
-    *q = static_cast<index_t>(potts_message(h, n_labels, w * grid.v_r(r)[1], u, p));
+  if (grid.kind == kPotts) {
+    *q = static_cast<index_t>(potts_message(h, n_labels, w * grid.v_r(r)[1], receiver, u, p));
     return;
   }
   if (banded.reach >= 0) {
