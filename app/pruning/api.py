@@ -329,7 +329,7 @@ def select_checked(
     )
     if not selection.feasible:
         max_sparsity = analysis.max_sparsity(method, importance, reduction, lam, seed)
-        zero = [name for name in selection.empty_layers if name in analysis.zero_gradient_layers()]
+        zero = sorted(set(selection.empty_layers) & set(analysis.zero_gradient_layers()))
         raise ValueError(
             f"sparsity {sparsity} removes every neuron of layer(s) {selection.empty_layers} with method "
             f"{method!r}; the largest feasible sparsity (Alg. 6) is {max_sparsity:.4f} "

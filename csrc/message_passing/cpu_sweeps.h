@@ -600,7 +600,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
             half = std::vector<uint8_t>(kSlots), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable APP_FLATTEN {
       const int64_t i = b * P + pixel, off = i * L;
-      const scalar_t* carried = carry.data() + (half[slot] * kSlots + slot) * L;
+      auto carry_row = [&] { return carry.data() + (half[slot] * kSlots + slot) * L; };  // the slot's current half
+      const scalar_t* carried = carry_row();
       // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
       // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
       auto method_pass = [&](const auto& per_chunk) {
@@ -643,32 +644,35 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         }
       };
       Values g_sum{};
+      scalar_t g_total = 0;
       const int64_t slot_w = predecessor < 0 ? 0 : grid.weight_slot(r, b, predecessor, pixel);
       scalar_t* gw = state.grad_weights == nullptr || predecessor < 0 ? nullptr : state.grad_weights + slot_w;
       if (grid.kind == kPotts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
         half[slot] ^= 1;
-        PottsScatter<scalar_t, index_t> scatter{p + off, carry.data() + (half[slot] * kSlots + slot) * L,
+        PottsScatter<scalar_t, index_t> scatter{p + off, carry_row(),
                                                 gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
                                                 grid.weights[slot_w], n};
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {
           g_sum += g_l;
           scatter.chunk(l, count, g_l);
         });
-        scatter.finish(static_cast<int32_t>(q[i]), V::total(g_sum), v_r, gw, gv_r);
+        g_total = V::total(g_sum);
+        scatter.finish(static_cast<int32_t>(q[i]), g_total, v_r, gw, gv_r);
       } else {
         scalar_t* __restrict__ g_i = g.data();
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {
           V::store(g_i + l, g_l, count);
           g_sum += g_l;
         });
+        g_total = V::total(g_sum);
         if (predecessor >= 0) {
-          message_backward(L, g_i, V::total(g_sum), q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w],
-                           carry.data() + (half[slot] * kSlots + slot) * L, gw, gv_r, gv_diag.values.data());
+          message_backward(L, g_i, g_total, q[i], p + off, v_r, v_diag.data(), grid.weights[slot_w], carry_row(), gw,
+                           gv_r, gv_diag.values.data());
         }
       }
       // SGM: the q term of gu on the unary gradient (also at a path start, which has no sender; TRWP's and ISGMR's
       // first messages are constant)
-      if (method == kSGM) state.extra[off + q[i]] -= V::total(g_sum);
+      if (method == kSGM) state.extra[off + q[i]] -= g_total;
     };
   });
 }
