@@ -11,7 +11,8 @@ The forms take the kernels' O(L) paths (on CUDA: the band of the warp sweeps up 
 is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation 16) given as an (L, L) matrix,
 which takes the O(L^2) min-convolution. The reference is slow (a Python loop over image rows), so it is timed
 once and only at ``--reference-directions``. "stored" is the backward's state: for TRWP / ISGMR the indices
-(Sec. 3.7.4), one uint8 per label and message plus one per message; for MF the distributions of every
+(Sec. 3.7.4): per message its q and ``index_row`` uint8 entries (one per label, Potts one bit per label plus the
+label of its jumps); for MF the distributions of every
 iteration, one float32 per label, pixel and iteration. Prints a markdown table (seconds on the CPU,
 milliseconds on a GPU) and writes benchmarks/results/message_passing_speed_<device>_<pairwise>_L<labels>.json.
 ``--profile`` first prints the torch profiler's table of one forward and backward of the first method /
@@ -29,7 +30,7 @@ import torch
 from common import machine, markdown_table, save_json, timed
 
 from app.ops import Pairwise, message_passing
-from app.ops.message_passing import index_dtype
+from app.ops.message_passing import _pairwise_kind, index_dtype, index_row
 from app.ops.reference import message_passing as reference
 
 HEIGHT, WIDTH, ITERATIONS = 256, 512, 5
@@ -44,12 +45,12 @@ def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairw
     return quadratic if kind == "truncated_quadratic" else quadratic.matrix(n_labels, device=device)
 
 
-def stored_mib(method: str, n_directions: int, n_labels: int) -> float:
+def stored_mib(method: str, n_directions: int, n_labels: int, pairwise_kind: int) -> float:
     """What the forward keeps for the backward: argmin indices, or mean-field's float32 distributions."""
     if method == "meanfield":
         return ITERATIONS * HEIGHT * WIDTH * n_labels * 4 / 2**20
     messages = ITERATIONS * n_directions * HEIGHT * WIDTH
-    return messages * (n_labels + 1) * index_dtype(n_labels).itemsize / 2**20
+    return messages * (index_row(n_labels, pairwise_kind) + 1) * index_dtype(n_labels).itemsize / 2**20
 
 
 def time_pair(fn, unary: torch.Tensor, device: str, repeats: int, warmup: int) -> tuple[float, float]:
@@ -142,7 +143,7 @@ def main() -> None:
                     entry["reference_forward_ms"], entry["reference_backward_ms"] = time_pair(
                         plain, unary, args.device, 1, warmup=0
                     )
-                entry["stored_mib"] = stored_mib(method, n_directions, n_labels)
+                entry["stored_mib"] = stored_mib(method, n_directions, n_labels, _pairwise_kind(pairwise))
                 results.append(entry)
                 ref_f, ref_b = entry.get("reference_forward_ms"), entry.get("reference_backward_ms")
                 rows.append(

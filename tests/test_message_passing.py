@@ -19,7 +19,14 @@ import pytest
 import torch
 
 from app.ops import message_passing
-from app.ops.message_passing import _GENERAL, _METHOD_IDS, _pairwise_kind, index_dtype
+from app.ops.message_passing import (
+    _GENERAL,
+    _METHOD_IDS,
+    _pairwise_kind,
+    index_dtype,
+    index_row,
+    stored_argmins,
+)
 from app.ops.reference import Pairwise
 from app.ops.reference import message_passing as reference
 
@@ -236,6 +243,34 @@ def test_many_labels_use_wide_indices():
     (g_got,) = torch.autograd.grad(got, unary, grad_output)
     (g_expected,) = torch.autograd.grad(expected, unary, grad_output)
     torch.testing.assert_close(g_got, g_expected)
+
+
+@pytest.mark.parametrize(
+    ("n_labels", "dtype"), [(4, torch.float32), (33, torch.float32), (21, F64), (300, F64)]
+)
+def test_potts_stores_a_bit_per_label(n_labels, dtype):
+    """Potts stores the bits [p(l) = l] and the label of the jumps (index_row entries per message, int16 above 256
+    labels): they read back as the dense path's argmins, and the backward from them equals the dense path's."""
+    unary, _, weights = random_inputs(31, 2, n_labels, 3, 5, 8)
+    unary, weights = unary.to(dtype), weights.to(dtype)
+    form = Pairwise("potts", 0.7)
+    matrix, kind_id = form.matrix(n_labels, dtype=dtype), _pairwise_kind(form)
+    grad_costs = torch.randn(unary.shape, generator=torch.Generator().manual_seed(31), dtype=dtype)
+    for method_id in range(3):
+        options = (method_id, 8, 2)
+        costs, p, q = torch.ops.app.message_passing(unary, matrix, weights, *options, kind_id)
+        dense = torch.ops.app.message_passing(unary, matrix, weights, *options, _GENERAL)
+        assert p.dtype == index_dtype(n_labels) and p.shape == (2, 8, 2, 3, 5, index_row(n_labels, kind_id))
+        assert torch.equal(costs, dense[0]) and torch.equal(q, dense[2])
+        assert torch.equal(stored_argmins(p, n_labels, kind_id), dense[1].long())
+        grads = torch.ops.app.message_passing_backward(
+            grad_costs, matrix, weights, p, q, *options, kind_id, True, True
+        )
+        expected = torch.ops.app.message_passing_backward(
+            grad_costs, matrix, weights, *dense[1:], *options, _GENERAL, True, True
+        )
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want)
 
 
 def test_small_label_counts_store_uint8():
@@ -525,9 +560,10 @@ def test_capped_forms_equal_the_dense_path(case):
     matrix, kind_id = form.matrix(n_labels, dtype=F64), _pairwise_kind(form)
     for method_id in range(3):
         dense = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, _GENERAL)
-        fast = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, kind_id)
+        costs, p, q = torch.ops.app.message_passing(unary, matrix, weights, method_id, 8, 3, kind_id)
+        fast = (costs, stored_argmins(p, n_labels, kind_id), q)
         for got, expected in zip(fast, dense, strict=True):
-            assert torch.equal(got, expected)
+            assert torch.equal(got, expected.to(got.dtype))
 
 
 @pytest.mark.parametrize("method", COMPILED_METHODS)

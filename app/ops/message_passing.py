@@ -1,8 +1,9 @@
 """Compiled, differentiable min-sum message passing on D-connected grid MRFs (thesis Ch. 3, Alg. 1-4).
 
 Same signature, checks and conventions as :func:`app.ops.reference.message_passing`; the forward stores the
-argmin indices of every message (uint8 up to 256 labels, wider above) and the backward replays them in
-reverse (Sec. 3.5.3, 3.7.4). Potts, truncated-linear and (on the CPU) truncated-quadratic
+argmin indices of every message (uint8 up to 256 labels, wider above; for Potts one bit per label and the one
+label the others jump to, :func:`stored_argmins`) and the backward replays them in reverse (Sec. 3.5.3, 3.7.4).
+Potts, truncated-linear and (on the CPU) truncated-quadratic
 :class:`~app.ops.reference.mrf.Pairwise` forms with a non-negative term weight take O(L) forward paths: on the
 CPU a vectorised pass over the labels below the cap where it is reached within a few dozen labels, else the
 linear distance transform or the lower envelope of parabolas (the quadratic's results equal the dense path's,
@@ -41,6 +42,28 @@ def index_dtype(n_labels: int) -> torch.dtype:
     if n_labels <= 256:
         return torch.uint8
     return torch.int16 if n_labels <= 32768 else torch.int32
+
+
+def index_row(n_labels: int, pairwise_kind: int) -> int:
+    """Entries of :func:`index_dtype` the forward stores per message: ``n_labels`` argmins, or for Potts
+    (``pairwise_kind`` 1) the bits ``[p(l) = l]`` in ``ceil(n_labels / bits per entry)`` entries and then ``m0``, the
+    label every other label jumps to (Potts' argmins are ``l`` or ``m0``)."""
+    if pairwise_kind != _KIND_IDS["potts"]:
+        return n_labels
+    bits = torch.iinfo(index_dtype(n_labels)).bits
+    return -(-n_labels // bits) + 1
+
+
+def stored_argmins(p: Tensor, n_labels: int, pairwise_kind: int) -> Tensor:
+    """The argmins ``p(l)`` (..., L) of the stored indices ``p`` (..., :func:`index_row`) of ``app::message_passing``
+    (int64). A message without a sender (a scanline's first) stores zeros, which read as ``p = 0``."""
+    if pairwise_kind != _KIND_IDS["potts"]:
+        return p.long()
+    words = index_row(n_labels, pairwise_kind) - 1
+    bit_bytes = p[..., :words].contiguous().view(torch.uint8)  # little-endian: bit l in byte l // 8
+    labels = torch.arange(n_labels, device=p.device)
+    stays = (bit_bytes[..., labels // 8].long() >> (labels % 8)) & 1
+    return torch.where(stays.bool(), labels, p[..., words : words + 1].long())
 
 
 def message_passing(
@@ -133,7 +156,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.method, ctx.n_directions, ctx.n_iterations, ctx.kind = method, n_directions, n_iterations, kind
     ctx.mark_non_differentiable(p, q)
     # the indices get no gradient: without this, autograd would fill zeros of their size (82 MiB at 256x512,
-    # 32 labels, 5 iterations, 4 directions) before every backward
+    # 32 labels, 5 iterations, 4 directions for a matrix pairwise) before every backward
     ctx.set_materialize_grads(False)
 
 
@@ -179,7 +202,7 @@ if extension_loaded():
         dtype = index_dtype(n_labels)
         return (
             torch.empty_like(unary),
-            unary.new_empty((*indices, n_labels), dtype=dtype),
+            unary.new_empty((*indices, index_row(n_labels, pairwise_kind)), dtype=dtype),
             unary.new_empty(indices, dtype=dtype),
         )
 

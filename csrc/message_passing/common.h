@@ -46,7 +46,29 @@ enum PairwiseKind : int64_t { kGeneral = 0, kPotts = 1, kTruncatedLinear = 2, kT
 
 constexpr int kOffsets[8][2] = {{0, 1}, {1, 0}, {1, 1}, {1, -1}, {1, 2}, {2, 1}, {2, -1}, {1, -2}};
 
-// The grid problem shared by every sweep: sizes, edge weights (B, K, H, W), V and V^T (L, L).
+// Stored argmins of one message (Sec. 3.7.4): p(l) for each of its L labels, or for Potts, where every label keeps
+// its sender label or jumps to m0, the sender costs' first argmin (p(l) in {l, m0}), the bits [p(l) = l] (bit l of
+// the message's index_t words read as little-endian bytes) followed by m0: potts_index_words + 1 entries, 5 bytes
+// instead of 32 at 32 labels. A message with no sender (a scanline's first) stores zeros, which read as p = 0.
+template <typename index_t>
+APP_HOST_DEVICE constexpr int64_t potts_index_words(int64_t n_labels) {
+  return (n_labels + 8 * int64_t(sizeof(index_t)) - 1) / (8 * int64_t(sizeof(index_t)));
+}
+
+template <typename index_t>
+APP_HOST_DEVICE constexpr int64_t index_row(int64_t kind, int64_t n_labels) {
+  return kind == kPotts ? potts_index_words<index_t>(n_labels) + 1 : n_labels;
+}
+
+// p(l) from a Potts message's stored row.
+template <typename index_t>
+APP_HOST_DEVICE inline int64_t potts_argmin(const index_t* row, int64_t n_labels, int64_t l) {
+  const bool stays = (reinterpret_cast<const uint8_t*>(row)[l / 8] >> (l % 8)) & 1;
+  return stays ? l : static_cast<int64_t>(row[potts_index_words<index_t>(n_labels)]);
+}
+
+// The grid problem shared by every sweep: sizes, edge weights (B, K, H, W), V and V^T (L, L), and the entries of
+// one message's stored argmins (index_row).
 template <typename scalar_t>
 struct Grid {
   int64_t batch, height, width, n_labels, n_directions;
@@ -54,6 +76,7 @@ struct Grid {
   const scalar_t* v;
   const scalar_t* v_t;
   int64_t kind;
+  int64_t index_row;
 
   APP_HOST_DEVICE int64_t pixels() const { return height * width; }
   // TRWP's rho (Eq. 3.10): 2 / D, the share of each direction's tree in the decomposition.
@@ -239,8 +262,8 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
 // of one ISGMR iteration's replay: with P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and, where
 // pair_grads is defined, pair_grads[k] = sum_{k' != k} P[k'].
 
-// Index storage: the argmins of one iteration's sweeps, direction r at p + r N L (N = B H W, p (B, H, W, L))
-// and q + r N (q (B, H, W)).
+// Index storage: the argmins of one iteration's sweeps, direction r at p + r N R (N = B H W, R = index_row,
+// p (B, H, W, R)) and q + r N (q (B, H, W)).
 template <typename index_t>
 struct SweepIndices {
   index_t* p;
@@ -349,13 +372,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
   const at::Tensor theta = transposed_copy<scalar_t>(unary, B, L, {B, H, W, L});
   const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
-  const Grid<scalar_t> grid{B,         H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                            v_t.const_data_ptr<scalar_t>(), kind};
+  const int64_t R = index_row<index_t>(kind, L);
+  const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                            v_t.const_data_ptr<scalar_t>(), kind, R};
   auto index_options = unary.options().dtype(index_dtype<index_t>());
-  at::Tensor p = empty_buffer({n_iterations, D, B, H, W, L}, index_options);
+  at::Tensor p = empty_buffer({n_iterations, D, B, H, W, R}, index_options);
   at::Tensor q = at::empty({n_iterations, D, B, H, W}, index_options);
   auto indices = [&](int64_t it) {
-    return SweepIndices<index_t>{p.mutable_data_ptr<index_t>() + it * D * N * L,
+    return SweepIndices<index_t>{p.mutable_data_ptr<index_t>() + it * D * N * R,
                                  q.mutable_data_ptr<index_t>() + it * D * N};
   };
   at::Tensor costs;
@@ -417,8 +441,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const at::Tensor g = transposed_copy<scalar_t>(grad_costs, B, L, {B, H, W, L});
   const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
+  const int64_t R = index_row<index_t>(kind, L);
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                            v_t.const_data_ptr<scalar_t>(), kind};
+                            v_t.const_data_ptr<scalar_t>(), kind, R};
   at::Tensor grad_weights = at::zeros_like(weights);
   // (accumulators, 2, L, L) only where V needs a gradient: at thousands of labels it is hundreds of MiB
   at::Tensor grad_v =
@@ -427,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   const index_t* q_data = q.const_data_ptr<index_t>();
   auto run = [&](int64_t it, int64_t r_first, BackwardState<scalar_t> state) {
     Sweeps::template backward_pair<scalar_t, index_t>(
-        grid, method, r_first, state, SweepIndices<const index_t>{p_data + it * D * N * L, q_data + it * D * N});
+        grid, method, r_first, state, SweepIndices<const index_t>{p_data + it * D * N * R, q_data + it * D * N});
   };
   BackwardState<scalar_t> state{nullptr, nullptr, nullptr,
                                 weights_grad ? grad_weights.mutable_data_ptr<scalar_t>() : nullptr,
@@ -557,9 +582,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> message_passing_backward(
   const std::vector<int64_t> q_sizes{n_iterations, n_directions, grad_costs.size(0), grad_costs.size(2),
                                      grad_costs.size(3)};
   std::vector<int64_t> p_sizes = q_sizes;
-  p_sizes.push_back(grad_costs.size(1));
+  dispatch_index(p.scalar_type(), [&](auto index_tag) {
+    p_sizes.push_back(index_row<decltype(index_tag)>(pairwise_kind, grad_costs.size(1)));
+  });
   TORCH_CHECK(p.sizes() == at::IntArrayRef(p_sizes) && q.sizes() == at::IntArrayRef(q_sizes),
-              "message_passing_backward: p must be (I, D, B, H, W, L) and q (I, D, B, H, W) of the forward");
+              "message_passing_backward: p must be (I, D, B, H, W, R) and q (I, D, B, H, W) of the forward (R = L, ",
+              "or for Potts the bits of the labels that keep their sender label and the label the others take)");
   TORCH_CHECK(p.device() == grad_costs.device() && q.device() == grad_costs.device(),
               "message_passing_backward: indices must be on the device of grad_costs");
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;

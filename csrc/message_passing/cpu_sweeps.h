@@ -131,6 +131,26 @@ struct Lanes {
 #endif
   }
 #endif
+  // Bit k = lane k of a comparison result.
+  static uint32_t bits(const Mask& m) {
+#if defined(APP_SWEEPS_AVX2)
+    if constexpr (kCount == 8) {
+      return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(m)));
+    } else {
+      return static_cast<uint32_t>(_mm256_movemask_pd(reinterpret_cast<__m256d>(m)));
+    }
+#else
+    uint32_t result = 0;
+    for (int32_t k = 0; k < kCount; ++k) result |= static_cast<uint32_t>(m[k] != 0) << k;
+    return result;
+#endif
+  }
+  // Lane k true where bit first + k of the little-endian bit string `bytes` is set (first a multiple of kCount).
+  static Mask from_bits(const uint8_t* bytes, int32_t first) {
+    const Int word = kCount == 8 ? bytes[first / 8] : bytes[first / 8] >> (first % 8);
+    const Mask lane_bits = (Mask{} + 1) << labels(0);
+    return ((Mask{} + word) & lane_bits) == lane_bits;
+  }
   static void store(scalar_t* dst, const Values& v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
   template <typename index_t>
   static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
@@ -217,9 +237,10 @@ APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
 }
 
 // Potts message in one pass over the labels: u(lambda) = min(h(lambda), min h + c) with c = w V(0, 1) >= 0, written to
-// m with its argmins p. Without a receiver, fused with Eq. 3.5: m = u - min h, and q (the first argmin of m) is
-// returned without a second pass. With one (SGM, Eq. 3.3): m = u + receiver, normalised by a second pass. Same
-// values and argmins (ties to the lower label) as the dense min-convolution followed by normalise.
+// m with its argmins p (the Potts row of index_row: the bits [p(l) = l], then m0 = best). Without a receiver, fused
+// with Eq. 3.5: m = u - min h, and q (the first argmin of m) is returned without a second pass. With one (SGM,
+// Eq. 3.3): m = u + receiver, normalised by a second pass. Same values and argmins (ties to the lower label) as the
+// dense min-convolution followed by normalise.
 template <typename scalar_t, typename index_t>
 APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost,
                                          const scalar_t* receiver, scalar_t* m, index_t* p) {
@@ -230,14 +251,27 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, sc
   const scalar_t low = min_label(h, n_labels);
   const int32_t best = first_label_of(h, n_labels, low);
   const scalar_t jump = low + jump_cost;
+  const int64_t words = potts_index_words<index_t>(n_labels), bit_bytes = words * sizeof(index_t);
+  uint8_t* stay_bits = reinterpret_cast<uint8_t*>(p);
+  uint64_t group = 0;  // the bits of labels [64 g, 64 g + 64), stored when complete or at the last label
   for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
     const Values h_l = V::values(h + l, count);
     const Mask labels = V::labels(l);
     const Mask stay = (h_l < jump) | ((h_l == jump) & (labels < best));
     const Values u = stay ? h_l : Values{} + jump;
     V::store(m + l, receiver == nullptr ? u - low : u + V::values(receiver + l, count), count);
-    V::template store_indices<index_t>(p + l, stay ? labels : Mask{} + best, count);
+    group |= static_cast<uint64_t>(V::bits((stay | (labels == best)) & (labels < n))) << (l % 64);
+    if ((l + count) % 64 == 0 || l + count == n) {
+      const int64_t first = l / 64 * 8, length = std::min<int64_t>(8, bit_bytes - first);
+      if (length == 8) {
+        std::memcpy(stay_bits + first, &group, 8);
+      } else {
+        for (int64_t k = 0; k < length; ++k) stay_bits[first + k] = static_cast<uint8_t>(group >> (8 * k));
+      }
+      group = 0;
+    }
   });
+  p[words] = static_cast<index_t>(best);
   if (receiver != nullptr) return normalise_labels(m, n_labels);
   return jump == low ? 0 : best;
 }
@@ -365,7 +399,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
                              : method == kISGMR ? old_messages + (r ^ 1) * N * L
                                                 : nullptr;
     const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
-    const SweepIndices<index_t> idx{iteration.p + r * N * L, iteration.q + r * N};
+    const SweepIndices<index_t> idx{iteration.p + r * N * grid.index_row, iteration.q + r * N};
     // u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place
     return [&, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
@@ -373,17 +407,17 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
                int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* m_i = m_r + off;
-      index_t* __restrict__ p_i = idx.p + off;
+      index_t* __restrict__ p_i = idx.p + i * grid.index_row;
       if (predecessor < 0 && method != kSGM) {  // first node: no predecessor, message 0
         std::fill(m_i, m_i + L, scalar_t(0));
-        std::fill(p_i, p_i + L, index_t(0));
+        std::fill(p_i, p_i + grid.index_row, index_t(0));
         idx.q[i] = 0;
         return;
       }
       scalar_t* u_i = method == kTRWP ? u.data() : m_i;
       if (predecessor < 0) {  // SGM path start: the normalised unary (Hirschmuller's L_r = C)
         std::copy(unary + off, unary + off + L, u_i);
-        std::fill(p_i, p_i + L, index_t(0));
+        std::fill(p_i, p_i + grid.index_row, index_t(0));
         idx.q[i] = static_cast<index_t>(normalise_labels(u_i, L));
       } else {
         const int64_t joff = (b * P + predecessor) * L;
@@ -446,32 +480,33 @@ struct DiagonalGradient {
 
 // Backward of one Potts message (Alg. 3-4), fused into the caller's pass over the labels that computes the gradient
 // gm of the normalised message: V = c [a != b], so every label either keeps its sender label (p(l) = l) or jumps to
-// the one label m0, and each jump adds c gu to the edge weight's gradient (Eq. 3.33). chunk() scatters gm, not yet
-// gu = gm - [l = q] g_sum (Eq. 3.5), to the sender costs gs (Eq. 3.30: kept labels; the jumps' sum waits for m0, the
-// lanes' maximum of the jumping labels' indices) and to V's diagonal and row m0 (Eq. 3.36; gv_diag, row_scratch),
-// finish() takes the q term off where q's gradient went and adds the jumps at m0. gs must not alias gm's source, so
-// that the pass's loads can move above its stores.
+// the one label m0 (stored), and each jump adds c gu to the edge weight's gradient (Eq. 3.33). chunk() scatters gm,
+// not yet gu = gm - [l = q] g_sum (Eq. 3.5), to the sender costs gs (Eq. 3.30: kept labels; the jumps are summed) and
+// to V's diagonal and row m0 (Eq. 3.36; gv_diag, row_scratch), finish() takes the q term off where q's gradient went
+// and adds the jumps at m0. gs must not alias gm's source, so that the pass's loads can move above its stores.
 template <typename scalar_t, typename index_t>
 struct PottsScatter {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
-  const index_t* __restrict__ p;
+  const index_t* __restrict__ p;  // the message's Potts row (index_row)
   scalar_t* __restrict__ gs;
   scalar_t* __restrict__ gv_diag;      // nullptr: V needs no gradient
   scalar_t* __restrict__ row_scratch;  // (L): w gm of the jumps, for V's row m0
   scalar_t w;
   int32_t n;
+  int32_t m0 = static_cast<int32_t>(p[potts_index_words<index_t>(n)]);  // the label every jump takes
   Values to_m0{};
-  Mask target = Mask{} - 1;  // the jumps' label in the lanes that jump, -1 elsewhere
+  Mask jumped_lanes{};
 
   APP_FLATTEN void chunk(int32_t l, int32_t count, const Values& gm) {
-    const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
-    const Mask stays = m == labels, jumps = ~stays & (labels < n);
+    const Mask labels = V::labels(l);
+    const Mask stays = V::from_bits(reinterpret_cast<const uint8_t*>(p), l);  // m0's bit is set
+    const Mask jumps = ~stays & (labels < n);
     const Values kept = V::select(stays, gm), jumped = V::select(jumps, gm);
     V::store(gs + l, kept, count);
     to_m0 += jumped;
-    target = jumps ? m : target;
+    jumped_lanes |= jumps;
     if (gv_diag != nullptr) {
       V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
       V::store(row_scratch + l, w * jumped, count);
@@ -481,7 +516,7 @@ struct PottsScatter {
   // q and g_sum of Eq. 3.5; v_r's row 0 holds c = V(0, 1); gw and gv_r nullptr where not needed.
   APP_FLATTEN void finish(int32_t q, scalar_t g_sum, const scalar_t* __restrict__ v_r, scalar_t* gw,
                           scalar_t* __restrict__ gv_r) {
-    const bool q_jumps = static_cast<int32_t>(p[q]) != q;
+    const bool q_jumps = ((reinterpret_cast<const uint8_t*>(p)[q / 8] >> (q % 8)) & 1) == 0;
     scalar_t total = V::total(to_m0);
     if (q_jumps) {
       total -= g_sum;
@@ -490,9 +525,7 @@ struct PottsScatter {
       gs[q] -= g_sum;
       if (gv_diag != nullptr) gv_diag[q] -= w * g_sum;
     }
-    const auto larger = [](const Mask& x, const Mask& y) { return x > y ? x : y; };
-    const int32_t m0 = static_cast<int32_t>(V::fold(target, larger));
-    if (m0 < 0) return;
+    if (V::bits(jumped_lanes) == 0) return;
     gs[m0] += total;
     if (gw != nullptr) *gw += total * v_r[1];
     if (gv_diag != nullptr) {
@@ -591,7 +624,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
   scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r =
         state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
-    const index_t* p = iteration.p + r * N * L;
+    const index_t* p = iteration.p + r * N * grid.index_row;
     const index_t* q = iteration.q + r * N;
     // carry[half][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline.
     // The Potts pass writes the other half than it reads (and flips the slot's half); other kinds work in place.
@@ -649,7 +682,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       scalar_t* gw = state.grad_weights == nullptr || predecessor < 0 ? nullptr : state.grad_weights + slot_w;
       if (grid.kind == kPotts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
         half[slot] ^= 1;
-        PottsScatter<scalar_t, index_t> scatter{p + off, carry_row(),
+        PottsScatter<scalar_t, index_t> scatter{p + i * grid.index_row, carry_row(),
                                                 gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
                                                 grid.weights[slot_w], n};
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {

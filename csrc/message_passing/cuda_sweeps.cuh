@@ -117,6 +117,18 @@ __device__ void array_argmin(const scalar_t* a, int64_t n_labels, scalar_t& valu
   block_argmin(value, index, red_v, red_i);
 }
 
+// Bits [first_label, first_label + 32) of a Potts index row (index_row in common.h), bit j of `ballot` for label
+// first_label + j (first_label a multiple of 32): lanes 0-3 of the warp each store one byte, within the row's bits.
+template <typename index_t>
+__device__ __forceinline__ void store_stay_bits(index_t* row, int64_t n_labels, int64_t first_label,
+                                                unsigned int ballot) {
+  const int lane = threadIdx.x % 32;
+  const int64_t byte = first_label / 8 + lane;
+  if (lane < 4 && byte < potts_index_words<index_t>(n_labels) * static_cast<int64_t>(sizeof(index_t))) {
+    reinterpret_cast<uint8_t*>(row)[byte] = static_cast<uint8_t>(ballot >> (8 * lane));
+  }
+}
+
 struct Chain {
   int64_t dy, dx;  // the scan step
 };
@@ -140,14 +152,16 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
   const scalar_t* old_r = old_messages + r * N * L;
   const scalar_t* v_r = grid.v_r(r);
   int64_t y = start / grid.width, x = start % grid.width, prev = -1;
+  const bool potts = grid.kind == kPotts;
   for (; y >= 0 && y < grid.height && x >= 0 && x < grid.width; y += chain.dy, x += chain.dx) {
     const int64_t pix = y * grid.width + x;
     const int64_t i = b * grid.pixels() + pix, off = i * L;
+    index_t* p_i = idx.p + i * grid.index_row;
+    if (prev < 0) {  // no sender: p = 0
+      for (int64_t e = threadIdx.x; e < grid.index_row; e += blockDim.x) p_i[e] = 0;
+    }
     if (prev < 0 && method != kSGM) {
-      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-        m_r[off + l] = 0;
-        idx.p[off + l] = 0;
-      }
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) m_r[off + l] = 0;
       if (threadIdx.x == 0) idx.q[i] = 0;
       prev = pix;
       continue;
@@ -156,10 +170,7 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
     int q = 0;
     bool normalised = false;
     if (prev < 0) {
-      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-        u[l] = unary[off + l];
-        idx.p[off + l] = 0;
-      }
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) u[l] = unary[off + l];
     } else {
       const int64_t joff = (b * grid.pixels() + prev) * L;
       const scalar_t w = grid.weights[grid.weight_slot(r, b, prev, pix)];
@@ -175,30 +186,35 @@ __global__ void forward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_t
       __syncthreads();
       scalar_t h_min = 0;
       int best = 0;
-      if (grid.kind == kPotts) array_argmin(h, L, h_min, best, red_v, red_i);
+      if (potts) array_argmin(h, L, h_min, best, red_v, red_i);
       const scalar_t jump = h_min + product(w, v_r[1]);  // Potts
-      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-        scalar_t value;
-        int arg;
-        if (grid.kind == kPotts) {
-          const bool stay = h[l] < jump || (h[l] == jump && l < best);
-          value = stay ? h[l] : jump;
-          arg = stay ? static_cast<int>(l) : best;
-        } else {  // dense min-convolution (truncated linear included: O(L) per thread)
-          value = h[0] + product(w, v_r[l]);
-          arg = 0;
-          for (int64_t m = 1; m < L; ++m) {
-            const scalar_t c = h[m] + product(w, v_r[m * L + l]);
-            if (c < value) {
-              value = c;
-              arg = static_cast<int>(m);
+      for (int64_t first = 0; first < L; first += blockDim.x) {  // every thread the same trips: the ballot below
+        const int64_t l = first + threadIdx.x;
+        int arg = -1;
+        if (l < L) {
+          scalar_t value;
+          if (potts) {
+            const bool stay = h[l] < jump || (h[l] == jump && l < best);
+            value = stay ? h[l] : jump;
+            arg = stay ? static_cast<int>(l) : best;
+          } else {  // dense min-convolution (truncated linear included: O(L) per thread)
+            value = h[0] + product(w, v_r[l]);
+            arg = 0;
+            for (int64_t m = 1; m < L; ++m) {
+              const scalar_t c = h[m] + product(w, v_r[m * L + l]);
+              if (c < value) {
+                value = c;
+                arg = static_cast<int>(m);
+              }
             }
+            p_i[l] = static_cast<index_t>(arg);
           }
+          u[l] = value + (method == kSGM ? unary[off + l] : scalar_t(0));
         }
-        u[l] = value + (method == kSGM ? unary[off + l] : scalar_t(0));
-        idx.p[off + l] = static_cast<index_t>(arg);
+        if (potts) store_stay_bits(p_i, L, l - threadIdx.x % 32, __ballot_sync(0xffffffffu, arg == l));
       }
-      if (grid.kind == kPotts && method != kSGM) {  // min u = min h, first at best unless no label stays
+      if (potts && threadIdx.x == 0) p_i[potts_index_words<index_t>(L)] = static_cast<index_t>(best);
+      if (potts && method != kSGM) {  // min u = min h, first at best unless no label stays
         low = h_min;
         q = jump == h_min ? 0 : best;
         normalised = true;
@@ -280,8 +296,9 @@ __global__ void backward_sweep_kernel(Grid<scalar_t> grid, Method method, int64_
     const int64_t slot = grid.weight_slot(r, b, prev, pix);
     const scalar_t w = grid.weights[slot];
     scalar_t weight_grad = 0;
+    const index_t* p_i = p + i * grid.index_row;
     for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-      const int64_t m = static_cast<int64_t>(p[off + l]);
+      const int64_t m = grid.kind == kPotts ? potts_argmin(p_i, L, l) : static_cast<int64_t>(p_i[l]);
       atomicAdd(gs + m, g[l]);
       weight_grad += product(g[l], v_r[m * L + l]);
       if (gv_r != nullptr) atomicAdd(gv_r + m * L + l, w * g[l]);
@@ -438,10 +455,11 @@ struct ForwardInputs {
 // row: dense (reach < 0) or, for V_r(mu, lambda) = V(0, |mu - lambda|) capped at V(0, L-1) beyond `reach`, the band
 // |mu - lambda| <= reach plus the warp's (min, first argmin) of the capped costs h(mu) + w V(0, L-1), compared
 // lexicographically: the capped costs are at least the band's inside it, so values and argmins are the dense ones.
+// far_label: that first argmin of the capped costs (0 when dense), for Potts the sender costs' m0.
 template <typename scalar_t, int K>
 __device__ __forceinline__ void warp_min_convolve(const scalar_t* h_row, const scalar_t (&h)[K], int lane,
                                                   int64_t n_labels, scalar_t w, const scalar_t* v_r, int64_t reach,
-                                                  scalar_t (&u)[K], int (&arg)[K]) {
+                                                  scalar_t (&u)[K], int (&arg)[K], int& far_label) {
   const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   if (reach < 0) {
 #pragma unroll
@@ -462,7 +480,7 @@ __device__ __forceinline__ void warp_min_convolve(const scalar_t* h_row, const s
     return;
   }
   scalar_t far_low = inf;
-  int far_label = 0;
+  far_label = 0;
   if (reach < n_labels - 1) {
     const scalar_t far_cost = product(w, v_r[n_labels - 1]);
     scalar_t capped[K];
@@ -547,7 +565,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       const int64_t i = line.row(t), off = i * L;
       scalar_t u[K];
       int arg[K];
-      int q = 0;
+      int q = 0, best = 0;  // best: Potts' m0, the sender costs' first argmin
       if (t == 0 && method != kSGM) {  // first node: message 0
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -577,7 +595,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
             }
           }
           if (grid.kind == kPotts && method != kSGM) {  // one argmin: min u = min h
-            int best;
             row_argmin(h, lane, low, best);
             const scalar_t jump = low + product(in.w, jump_cost);
 #pragma unroll
@@ -592,7 +609,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
             __syncwarp();  // the previous step's readers of shared_row are done
             store_row(shared_row, lane, L, h);
             __syncwarp();
-            warp_min_convolve(shared_row, h, lane, L, in.w, v_r, reach, u, arg);
+            warp_min_convolve(shared_row, h, lane, L, in.w, v_r, reach, u, arg, best);
             if (method == kSGM) {
 #pragma unroll
               for (int k = 0; k < K; ++k) u[k] += in.a[k];
@@ -604,7 +621,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         for (int k = 0; k < K; ++k) u[k] -= low;  // Eq. 3.5
       }
       store_row(m_r + off, lane, L, u);
-      store_row(idx.p + off, lane, L, arg);
+      if (grid.kind == kPotts) {  // a first node (no sender) stores zeros, as p = 0 is stored elsewhere
+        uint8_t* p_i = idx.p + i * grid.index_row;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          store_stay_bits(p_i, L, 32 * k, __ballot_sync(0xffffffffu, t > 0 && arg[k] == lane + 32 * k));
+        }
+        if (lane == 0) p_i[potts_index_words<uint8_t>(L)] = static_cast<uint8_t>(best);
+      } else {
+        store_row(idx.p + off, lane, L, arg);
+      }
       if (lane == 0) idx.q[i] = static_cast<uint8_t>(q);
       if (method == kTRWP) {
 #pragma unroll
@@ -673,7 +699,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     load_row(a_base + off, lane, L, in.a, scalar_t(0));
     load_row(e_base + off, lane, L, in.e, scalar_t(0));
     if (method == kTRWP) load_row(o_base + off, lane, L, in.o, scalar_t(0));
-    load_row(p + off, lane, L, in.p, uint8_t(0));
+    if (potts) {
+      const uint8_t* p_t = p + line.row(t) * grid.index_row;
+      const uint8_t m0 = p_t[potts_index_words<uint8_t>(L)];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int l = lane + 32 * k;
+        in.p[k] = l >= L ? 0 : ((p_t[l / 8] >> (l % 8)) & 1) ? static_cast<uint8_t>(l) : m0;
+      }
+    } else {
+      load_row(p + off, lane, L, in.p, uint8_t(0));
+    }
     in.q = q[line.row(t)];
     if (t > 0) {
       in.slot = grid.weight_slot(r, line.b, line.pixel(t - 1), line.pixel(t));
@@ -887,19 +923,19 @@ struct Sweeps {
   static void forward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
                            scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
                            SweepIndices<index_t> iteration) {
-    const int64_t N = grid.batch * grid.pixels(), L = grid.n_labels;
+    const int64_t N = grid.batch * grid.pixels();
     for (const int64_t r : {r_first, r_first ^ 1}) {
       forward(grid, method, r, unary, total, old_messages, messages, out,
-              SweepIndices<index_t>{iteration.p + r * N * L, iteration.q + r * N});
+              SweepIndices<index_t>{iteration.p + r * N * grid.index_row, iteration.q + r * N});
     }
   }
 
   template <typename scalar_t, typename index_t>
   static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
                             SweepIndices<const index_t> iteration) {
-    const int64_t N = grid.batch * grid.pixels(), L = grid.n_labels;
+    const int64_t N = grid.batch * grid.pixels();
     for (const int64_t r : {r_first, r_first ^ 1}) {
-      backward(grid, method, r, state, iteration.p + r * N * L, iteration.q + r * N);
+      backward(grid, method, r, state, iteration.p + r * N * grid.index_row, iteration.q + r * N);
     }
   }
 
