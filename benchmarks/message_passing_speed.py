@@ -5,7 +5,7 @@ reference.
     python benchmarks/message_passing_speed.py [--device cpu|cuda]
         [--pairwise potts|truncated_linear|truncated_quadratic|matrix]
         [--labels 32 96] [--directions 4 8 16] [--methods trwp isgmr meanfield] [--reference-directions 4]
-        [--repeats 3] [--profile] [--cuda-block-sweeps]
+        [--repeats 3] [--profile] [--cuda-block-sweeps] [--batch 1] [--size 256 512]
 
 The forms take the kernels' O(L) paths (on CUDA: the band of the warp sweeps up to 256 labels); ``matrix``
 is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation 16) given as an (L, L) matrix,
@@ -18,7 +18,9 @@ milliseconds on a GPU) and writes benchmarks/results/message_passing_speed_<devi
 ``--profile`` first prints the torch profiler's table of one forward and backward of the first method /
 directions / labels (per-kernel times). ``--cuda-block-sweeps`` times the CUDA block sweeps (one block per
 scanline) at every label count instead of the warp sweeps up to 256 labels (APP_CUDA_BLOCK_SWEEPS=1); the JSON
-name then ends in ``_block``.
+name then ends in ``_block``. ``--batch`` and ``--size`` change the input from one 256x512 image (the thesis'
+tables) to, e.g., a head's batch of small images with few labels (``--batch 8 --size 96 96 --labels 4``); the
+JSON name then ends in ``_b<batch>_<H>x<W>``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from app.ops import Pairwise, message_passing
 from app.ops.message_passing import _pairwise_kind, index_dtype, index_row
 from app.ops.reference import message_passing as reference
 
-HEIGHT, WIDTH, ITERATIONS = 256, 512, 5
+HEIGHT, WIDTH, ITERATIONS = 256, 512, 5  # the default input: one image (--batch, --size change it)
 
 
 def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairwise:
@@ -45,11 +47,12 @@ def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairw
     return quadratic if kind == "truncated_quadratic" else quadratic.matrix(n_labels, device=device)
 
 
-def stored_mib(method: str, n_directions: int, n_labels: int, pairwise_kind: int) -> float:
-    """What the forward keeps for the backward: argmin indices, or mean-field's float32 distributions."""
+def stored_mib(method: str, n_directions: int, n_labels: int, pairwise_kind: int, pixels: int) -> float:
+    """What the forward keeps for the backward (``pixels`` = B H W): argmin indices, or mean-field's float32
+    distributions."""
     if method == "meanfield":
-        return ITERATIONS * HEIGHT * WIDTH * n_labels * 4 / 2**20
-    messages = ITERATIONS * n_directions * HEIGHT * WIDTH
+        return ITERATIONS * pixels * n_labels * 4 / 2**20
+    messages = ITERATIONS * n_directions * pixels
     return messages * (index_row(n_labels, pairwise_kind) + 1) * index_dtype(n_labels).itemsize / 2**20
 
 
@@ -71,7 +74,7 @@ def time_pair(fn, unary: torch.Tensor, device: str, repeats: int, warmup: int) -
 def print_profile(args: argparse.Namespace) -> None:
     """The profiler's per-operator / per-kernel table of one forward + backward (after warm-up calls)."""
     n_labels, method, n_directions = args.labels[0], args.methods[0], args.directions[0]
-    unary = torch.rand(1, n_labels, HEIGHT, WIDTH, device=args.device, requires_grad=True)
+    unary = torch.rand(args.batch, n_labels, *args.size, device=args.device, requires_grad=True)
     pairwise = make_pairwise(args.pairwise, n_labels, args.device)
 
     def step() -> None:
@@ -109,6 +112,8 @@ def main() -> None:
     parser.add_argument("--reference-directions", type=int, nargs="*", default=[4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="per-kernel times of the first configuration")
+    parser.add_argument("--batch", type=int, default=1, help="images per call")
+    parser.add_argument("--size", type=int, nargs=2, default=[HEIGHT, WIDTH], metavar=("H", "W"))
     parser.add_argument(
         "--cuda-block-sweeps", action="store_true", help="CUDA block sweeps at every label count"
     )
@@ -122,7 +127,7 @@ def main() -> None:
     rows, results = [], []
     for n_labels in args.labels:
         gen = torch.Generator().manual_seed(0)
-        unary = torch.rand(1, n_labels, HEIGHT, WIDTH, generator=gen).to(args.device).requires_grad_()
+        unary = torch.rand(args.batch, n_labels, *args.size, generator=gen).to(args.device).requires_grad_()
         pairwise = make_pairwise(args.pairwise, n_labels, args.device)
         for method in args.methods:
             for n_directions in args.directions:
@@ -143,7 +148,9 @@ def main() -> None:
                     entry["reference_forward_ms"], entry["reference_backward_ms"] = time_pair(
                         plain, unary, args.device, 1, warmup=0
                     )
-                entry["stored_mib"] = stored_mib(method, n_directions, n_labels, _pairwise_kind(pairwise))
+                entry["stored_mib"] = stored_mib(
+                    method, n_directions, n_labels, _pairwise_kind(pairwise), unary[:, 0].numel()
+                )
                 results.append(entry)
                 ref_f, ref_b = entry.get("reference_forward_ms"), entry.get("reference_backward_ms")
                 rows.append(
@@ -169,12 +176,22 @@ def main() -> None:
         "stored (MiB)",
     ]
     sweeps = ", CUDA block sweeps" if args.cuda_block_sweeps else ""
-    print(f"{HEIGHT}x{WIDTH}, {ITERATIONS} iterations, {args.pairwise} pairwise{sweeps}, {machine()}\n")
+    height, width = args.size
+    print(
+        f"{args.batch} x {height}x{width}, {ITERATIONS} iterations, {args.pairwise} pairwise{sweeps}, {machine()}\n"
+    )
     print(markdown_table(headers, rows))
     path = save_json(
         f"message_passing_speed_{args.device}_{args.pairwise}_L{'-'.join(map(str, args.labels))}"
-        + ("_block" if args.cuda_block_sweeps else ""),
-        {"machine": machine(), "pairwise": args.pairwise, "size": [HEIGHT, WIDTH], "results": results},
+        + ("_block" if args.cuda_block_sweeps else "")
+        + ("" if (args.batch, height, width) == (1, HEIGHT, WIDTH) else f"_b{args.batch}_{height}x{width}"),
+        {
+            "machine": machine(),
+            "pairwise": args.pairwise,
+            "batch": args.batch,
+            "size": [height, width],
+            "results": results,
+        },
     )
     print(f"\nwrote {path}")
 

@@ -94,15 +94,37 @@ struct Lanes {
       return Mask{0, 1, 2, 3} + first;
     }
   }
+  // memcpy of count <= kCount elements of T, each count a copy of constant size: GCC inlines those, while a copy of
+  // run-time size is a library call, which took a tenth of the time of messages with fewer labels than a vector.
+  template <typename T, int... K>
+  static void copy_elements(void* dst, const void* src, int32_t count, std::integer_sequence<int, K...>) {
+    ((count == K + 1 ? (std::memcpy(dst, src, (K + 1) * sizeof(T)), 0) : 0), ...);
+  }
+  template <typename T>
+  static void copy_elements(void* dst, const void* src, int32_t count) {
+    copy_elements<T>(dst, src, count, std::make_integer_sequence<int, kCount>{});
+  }
   template <typename T, typename V>
   static V load(const T* src, int32_t count) {
     V v{};
-    std::memcpy(&v, src, sizeof(T) * count);
+    copy_elements<T>(&v, src, count);
     return v;
   }
   static Values values(const scalar_t* src, int32_t count, scalar_t fill = 0) {
+#if defined(APP_SWEEPS_AVX2)
+    if (count < kCount) {  // a masked load: a copy into the filled vector would stall its reload (two stores)
+      const Mask inside = labels(0) < count;
+      Values v;
+      if constexpr (kCount == 8) {
+        v = reinterpret_cast<Values>(_mm256_maskload_ps(src, reinterpret_cast<__m256i>(inside)));
+      } else {
+        v = reinterpret_cast<Values>(_mm256_maskload_pd(src, reinterpret_cast<__m256i>(inside)));
+      }
+      return inside ? v : Values{} + fill;
+    }
+#endif
     Values v = Values{} + fill;
-    std::memcpy(&v, src, sizeof(scalar_t) * count);
+    copy_elements<scalar_t>(&v, src, count);
     return v;
   }
   template <typename index_t>
@@ -110,6 +132,19 @@ struct Lanes {
 #if defined(__SSE2__)
     if constexpr (sizeof(index_t) == 1 && kCount == 8) {
       if (count == kCount) return widen_bytes(reinterpret_cast<const uint8_t*>(src));
+#if defined(APP_SWEEPS_AVX2)
+      uint64_t bytes = 0;  // assembled in a register: a partly copied vector's reload would stall
+      const uint8_t* first = reinterpret_cast<const uint8_t*>(src);
+      for (int32_t k = 0; k < count; ++k) bytes |= static_cast<uint64_t>(first[k]) << (8 * k);
+      return reinterpret_cast<Mask>(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(bytes))));
+#endif
+    }
+#endif
+#if defined(APP_SWEEPS_AVX2)
+    if constexpr (std::is_same_v<index_t, int32_t> && kCount == 8) {
+      if (count < kCount) {
+        return reinterpret_cast<Mask>(_mm256_maskload_epi32(src, reinterpret_cast<__m256i>(labels(0) < count)));
+      }
     }
 #endif
     typedef index_t Packed __attribute__((vector_size(kCount * sizeof(index_t))));
@@ -151,14 +186,14 @@ struct Lanes {
     const Mask lane_bits = (Mask{} + 1) << labels(0);
     return ((Mask{} + word) & lane_bits) == lane_bits;
   }
-  static void store(scalar_t* dst, const Values& v, int32_t count) { std::memcpy(dst, &v, sizeof(scalar_t) * count); }
+  static void store(scalar_t* dst, const Values& v, int32_t count) { copy_elements<scalar_t>(dst, &v, count); }
   template <typename index_t>
   static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
     static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low part of a lane is its first index_t");
     typedef index_t Parts __attribute__((vector_size(32)));
     const auto packed = low_parts<sizeof(Int) / sizeof(index_t)>(reinterpret_cast<Parts>(m),
                                                                  std::make_integer_sequence<int, kCount>{});
-    std::memcpy(dst, &packed, sizeof(index_t) * count);
+    copy_elements<index_t>(dst, &packed, count);
   }
   template <int kRatio, typename Parts, int... K>
   static auto low_parts(const Parts& parts, std::integer_sequence<int, K...>) {
