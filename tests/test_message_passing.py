@@ -193,7 +193,7 @@ from app.ops.reference import Pairwise
 unary, matrix, weights, grad = torch.load(sys.argv[1])
 results = []
 for method in ("isgmr", "trwp", "sgm"):
-    for pairwise in (matrix, Pairwise("potts", torch.tensor(0.8))):
+    for pairwise in (matrix, Pairwise("potts", torch.tensor(0.8)), Pairwise("truncated_linear", torch.tensor(0.8), 3.0)):
         u = unary.clone().requires_grad_()
         w = weights.clone().requires_grad_()
         costs = message_passing(u, pairwise, w, method, 8, 2)
@@ -205,7 +205,7 @@ torch.save(results, sys.argv[2])
 def test_baseline_and_avx2_sweeps_agree_bitwise(tmp_path):
     """The CPU sweeps are compiled for baseline x86-64 and for AVX2 (picked at run time); APP_DISABLE_AVX2=1
     keeps the baseline copy. Both round alike, so float32 costs and gradients are bitwise equal (19 labels:
-    full and partial label vectors, uint8 indices, general and Potts pairwise)."""
+    full and partial label vectors, uint8 indices, general, Potts and truncated-linear pairwise)."""
     gen = torch.Generator().manual_seed(31)
     inputs = [
         torch.rand(1, 19, 9, 11, generator=gen) * 4,
@@ -223,7 +223,7 @@ def test_baseline_and_avx2_sweeps_agree_bitwise(tmp_path):
             check=True,
         )
         outputs[name] = torch.load(tmp_path / name)
-    assert len(outputs["default"]) == 18
+    assert len(outputs["default"]) == 27
     for got, expected in zip(outputs["baseline"], outputs["default"], strict=True):
         assert torch.equal(got, expected)
 
