@@ -30,6 +30,8 @@ status=${PIPESTATUS[0]}
 # the reference (a Python loop of small launches) only where the thesis tables compare: TRWP-4 / ISGMR-4, 32 labels
 for bench in "message_passing_speed.py --device cuda --labels 32 96 --reference-directions --profile" \
   "message_passing_speed.py --device cuda --labels 32 --methods trwp isgmr --directions 4 --repeats 1" \
+  "message_passing_speed.py --device cuda --batch 8 --size 96 96 --labels 4 21 --methods trwp isgmr meanfield \
+    --directions 4 8 --reference-directions" \
   "message_passing_speed.py --device cuda --labels 32 96 --methods trwp isgmr --directions 4 \
     --reference-directions --cuda-block-sweeps" \
   "message_passing_speed.py --device cuda --labels 32 96 --methods trwp isgmr --directions 4 \
