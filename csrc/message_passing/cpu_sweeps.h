@@ -717,9 +717,10 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       scalar_t* gw = state.grad_weights == nullptr || predecessor < 0 ? nullptr : state.grad_weights + slot_w;
       if (grid.kind == kPotts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
         half[slot] ^= 1;
+        // the edge weight only scales V's gradient: not loaded when V needs none
         PottsScatter<scalar_t, index_t> scatter{p + i * grid.index_row, carry_row(),
                                                 gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
-                                                grid.weights[slot_w], n};
+                                                gv_r == nullptr ? scalar_t(0) : grid.weights[slot_w], n};
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {
           g_sum += g_l;
           scatter.chunk(l, count, g_l);
