@@ -47,9 +47,10 @@ enum PairwiseKind : int64_t { kGeneral = 0, kPotts = 1, kTruncatedLinear = 2, kT
 constexpr int kOffsets[8][2] = {{0, 1}, {1, 0}, {1, 1}, {1, -1}, {1, 2}, {2, 1}, {2, -1}, {1, -2}};
 
 // Stored argmins of one message (Sec. 3.7.4): p(l) for each of its L labels, or for Potts, where every label keeps
-// its sender label or jumps to m0, the sender costs' first argmin (p(l) in {l, m0}), the bits [p(l) = l] (bit l of
-// the message's index_t words read as little-endian bytes) followed by m0: potts_index_words + 1 entries, 5 bytes
-// instead of 32 at 32 labels. A message with no sender (a scanline's first) stores zeros, which read as p = 0.
+// its sender label or jumps to m0, the sender costs' first argmin (p(l) in {l, m0}), the bits [p(l) = l] (m0's own
+// bit set; bit l of the message's index_t words read as little-endian bytes) followed by m0: potts_index_words + 1
+// entries, 5 bytes instead of 32 at 32 labels. A message with no sender (a scanline's first) stores zeros, which
+// read as p = 0 (and are never scattered through).
 template <typename index_t>
 APP_HOST_DEVICE constexpr int64_t potts_index_words(int64_t n_labels) {
   return (n_labels + 8 * int64_t(sizeof(index_t)) - 1) / (8 * int64_t(sizeof(index_t)));

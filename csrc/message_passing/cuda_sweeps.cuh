@@ -621,7 +621,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         for (int k = 0; k < K; ++k) u[k] -= low;  // Eq. 3.5
       }
       store_row(m_r + off, lane, L, u);
-      if (grid.kind == kPotts) {  // a first node (no sender) stores zeros, as p = 0 is stored elsewhere
+      if (grid.kind == kPotts) {  // a first node (no sender) stores zeros, as on the CPU
         uint8_t* p_i = idx.p + i * grid.index_row;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
