@@ -5,7 +5,7 @@ reference.
     python benchmarks/message_passing_speed.py [--device cpu|cuda]
         [--pairwise potts|truncated_linear|truncated_quadratic|matrix]
         [--labels 32 96] [--directions 4 8 16] [--methods trwp isgmr meanfield] [--reference-directions 4]
-        [--repeats 3] [--profile] [--cuda-block-sweeps] [--batch 1] [--size 256 512]
+        [--repeats 3] [--profile] [--cuda-block-sweeps] [--batch 1] [--size 256 512] [--all-gradients]
 
 The forms take the kernels' O(L) paths (on CUDA: the band of the warp sweeps up to 256 labels); ``matrix``
 is the truncated quadratic of ``truncated_quadratic`` (term weight 1, truncation 16) given as an (L, L) matrix,
@@ -20,7 +20,8 @@ directions / labels (per-kernel times). ``--cuda-block-sweeps`` times the CUDA b
 scanline) at every label count instead of the warp sweeps up to 256 labels (APP_CUDA_BLOCK_SWEEPS=1); the JSON
 name then ends in ``_block``. ``--batch`` and ``--size`` change the input from one 256x512 image (the thesis'
 tables) to, e.g., a head's batch of small images with few labels (``--batch 8 --size 96 96 --labels 4``); the
-JSON name then ends in ``_b<batch>_<H>x<W>``.
+JSON name then ends in ``_b<batch>_<H>x<W>``. ``--all-gradients`` differentiates the edge weights (ones) and the
+pairwise's term weight (or matrix) too, as a head's training step does (JSON name ``..._all_gradients``).
 """
 
 from __future__ import annotations
@@ -38,13 +39,23 @@ from app.ops.reference import message_passing as reference
 HEIGHT, WIDTH, ITERATIONS = 256, 512, 5  # the default input: one image (--batch, --size change it)
 
 
-def make_pairwise(kind: str, n_labels: int, device: str) -> torch.Tensor | Pairwise:
+def make_pairwise(kind: str, n_labels: int, device: str, learnable: bool = False) -> torch.Tensor | Pairwise:
+    """The benchmark's pairwise; ``learnable``: its term weight (a form) or matrix requires a gradient."""
+    weight = torch.tensor(1.0, device=device, requires_grad=True) if learnable else 1.0
     if kind == "potts":
-        return Pairwise("potts", 1.0)
+        return Pairwise("potts", weight)
     if kind == "truncated_linear":
-        return Pairwise("truncated_linear", 1.0, 4.0)
-    quadratic = Pairwise("truncated_quadratic", 1.0, 16.0)
-    return quadratic if kind == "truncated_quadratic" else quadratic.matrix(n_labels, device=device)
+        return Pairwise("truncated_linear", weight, 4.0)
+    quadratic = Pairwise("truncated_quadratic", weight, 16.0)
+    if kind == "truncated_quadratic":
+        return quadratic
+    return quadratic.matrix(n_labels, device=device).detach().requires_grad_(learnable)
+
+
+def pairwise_parameters(pairwise: torch.Tensor | Pairwise) -> list[torch.Tensor]:
+    """The tensors of ``pairwise`` that require a gradient."""
+    tensors = [pairwise] if isinstance(pairwise, torch.Tensor) else [pairwise.term_weight]
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
 def stored_mib(method: str, n_directions: int, n_labels: int, pairwise_kind: int, pixels: int) -> float:
@@ -56,14 +67,17 @@ def stored_mib(method: str, n_directions: int, n_labels: int, pairwise_kind: int
     return messages * (index_row(n_labels, pairwise_kind) + 1) * index_dtype(n_labels).itemsize / 2**20
 
 
-def time_pair(fn, unary: torch.Tensor, device: str, repeats: int, warmup: int) -> tuple[float, float]:
-    """(forward ms, backward ms) of ``fn(unary)``, medians over ``repeats`` after ``warmup`` untimed calls."""
+def time_pair(
+    fn, unary: torch.Tensor, device: str, repeats: int, warmup: int, others: tuple[torch.Tensor, ...] = ()
+) -> tuple[float, float]:
+    """(forward ms, backward ms) of ``fn(unary)``, medians over ``repeats`` after ``warmup`` untimed calls; the
+    backward differentiates ``unary`` and ``others``."""
     with torch.no_grad():
         forward = timed(lambda: fn(unary), device, repeats=repeats, warmup=warmup)
     costs = fn(unary)
     grad = torch.ones_like(costs)
     backward = timed(
-        lambda: torch.autograd.grad(costs, unary, grad, retain_graph=True),
+        lambda: torch.autograd.grad(costs, (unary, *others), grad, retain_graph=True),
         device,
         repeats=repeats,
         warmup=warmup,
@@ -115,6 +129,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per call")
     parser.add_argument("--size", type=int, nargs=2, default=[HEIGHT, WIDTH], metavar=("H", "W"))
     parser.add_argument(
+        "--all-gradients",
+        action="store_true",
+        help="the backward differentiates the edge weights and the pairwise too, as a head's training step does",
+    )
+    parser.add_argument(
         "--cuda-block-sweeps", action="store_true", help="CUDA block sweeps at every label count"
     )
     args = parser.parse_args()
@@ -128,25 +147,31 @@ def main() -> None:
     for n_labels in args.labels:
         gen = torch.Generator().manual_seed(0)
         unary = torch.rand(args.batch, n_labels, *args.size, generator=gen).to(args.device).requires_grad_()
-        pairwise = make_pairwise(args.pairwise, n_labels, args.device)
+        pairwise = make_pairwise(args.pairwise, n_labels, args.device, args.all_gradients)
         for method in args.methods:
             for n_directions in args.directions:
+                edge_weights = None
+                others = ()
+                if args.all_gradients:
+                    shape = (args.batch, n_directions // 2, *args.size)
+                    edge_weights = torch.ones(shape, device=args.device, requires_grad=True)
+                    others = (edge_weights, *pairwise_parameters(pairwise))
 
-                def compiled(x, method=method, n_directions=n_directions, pairwise=pairwise):
-                    return message_passing(x, pairwise, None, method, n_directions, ITERATIONS)
+                def compiled(x, method=method, n_directions=n_directions, pairwise=pairwise, w=edge_weights):
+                    return message_passing(x, pairwise, w, method, n_directions, ITERATIONS)
 
                 # three warm-up calls: on the CPU the first two or three calls of a process are up to 3x
                 # slower (among other warm-up costs, fresh buffers are faulted in until malloc reuses freed ones)
-                forward, backward = time_pair(compiled, unary, args.device, args.repeats, warmup=3)
+                forward, backward = time_pair(compiled, unary, args.device, args.repeats, 3, others)
                 entry = {"method": method, "directions": n_directions, "labels": n_labels}
                 entry.update(forward_ms=forward, backward_ms=backward)
                 if n_directions in args.reference_directions:
 
-                    def plain(x, method=method, n_directions=n_directions, pairwise=pairwise):
-                        return reference(x, pairwise, None, method, n_directions, ITERATIONS)
+                    def plain(x, method=method, n_directions=n_directions, pairwise=pairwise, w=edge_weights):
+                        return reference(x, pairwise, w, method, n_directions, ITERATIONS)
 
                     entry["reference_forward_ms"], entry["reference_backward_ms"] = time_pair(
-                        plain, unary, args.device, 1, warmup=0
+                        plain, unary, args.device, 1, 0, others
                     )
                 entry["stored_mib"] = stored_mib(
                     method, n_directions, n_labels, _pairwise_kind(pairwise), unary[:, 0].numel()
@@ -184,10 +209,12 @@ def main() -> None:
     path = save_json(
         f"message_passing_speed_{args.device}_{args.pairwise}_L{'-'.join(map(str, args.labels))}"
         + ("_block" if args.cuda_block_sweeps else "")
+        + ("_all_gradients" if args.all_gradients else "")
         + ("" if (args.batch, height, width) == (1, HEIGHT, WIDTH) else f"_b{args.batch}_{height}x{width}"),
         {
             "machine": machine(),
             "pairwise": args.pairwise,
+            "all_gradients": args.all_gradients,
             "batch": args.batch,
             "size": [height, width],
             "results": results,
