@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -829,3 +830,26 @@ def test_cuda_meanfield_matches_reference(n_directions, kind):
 
     for got, expected in zip(gradients("cuda"), gradients("cpu"), strict=True):
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_speed_benchmark_times_a_small_batch_with_all_gradients(monkeypatch, capsys):
+    """``benchmarks/message_passing_speed.py`` on a tiny batch (--batch, --size, --all-gradients): every row has
+    forward, backward and the reference's times, and the stored size of its Potts rows."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    benchmark = importlib.import_module("message_passing_speed")
+    saved = {}
+    monkeypatch.setattr(
+        benchmark, "save_json", lambda name, payload: saved.update(name=name, payload=payload)
+    )
+    argv = ["--batch", "2", "--size", "5", "6", "--labels", "4", "--methods", "trwp", "isgmr", "meanfield"]
+    argv += ["--directions", "4", "--reference-directions", "4", "--repeats", "1", "--all-gradients"]
+    monkeypatch.setattr(sys, "argv", ["message_passing_speed.py", *argv])
+    benchmark.main()
+    assert saved["name"] == "message_passing_speed_cpu_potts_L4_all_gradients_b2_5x6"
+    results = saved["payload"]["results"]
+    assert [r["method"] for r in results] == ["trwp", "isgmr", "meanfield"]
+    for row in results:
+        assert row["forward_ms"] > 0 and row["backward_ms"] > 0 and row["reference_backward_ms"] > 0
+    messages = 5 * 4 * 2 * 5 * 6  # iterations x directions x pixels
+    assert results[0]["stored_mib"] == pytest.approx(messages * (index_row(4, 1) + 1) / 2**20)
+    assert "| TRWP-4 | 4 |" in capsys.readouterr().out
