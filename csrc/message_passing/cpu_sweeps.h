@@ -234,38 +234,36 @@ inline void for_label_chunks(int32_t n, const Body& body) {
   if (l < n) body(l, n - l);
 }
 
-// min_l a(l).
+// (min_l a(l), the first l with a(l) at that minimum) in one pass over the labels: each lane keeps its minimum and
+// the first label that reached it (strict comparisons), then the lanes are folded.
 template <typename scalar_t>
-APP_FLATTEN inline scalar_t min_label(const scalar_t* a, int64_t n_labels) {
-  using V = Lanes<scalar_t>;
-  typename V::Values low = typename V::Values{} + a[0];
-  for_label_chunks<scalar_t>(static_cast<int32_t>(n_labels), [&](int32_t l, int32_t count) {
-    const typename V::Values x = V::values(a + l, count, a[0]);
-    low = x < low ? x : low;
-  });
-  return V::lowest(low);
-}
+struct LowestLabel {
+  scalar_t value;
+  int32_t label;
+};
 
-// The first label l with a(l) == value.
 template <typename scalar_t>
-APP_FLATTEN inline int32_t first_label_of(const scalar_t* a, int64_t n_labels, scalar_t value) {
+APP_FLATTEN inline LowestLabel<scalar_t> lowest_label(const scalar_t* a, int64_t n_labels) {
   using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
   using Mask = typename V::Mask;
   const int32_t n = static_cast<int32_t>(n_labels);
-  Mask first = Mask{} + n;
+  Values low = Values{} + a[0];  // every lane starts at label 0; lanes past n keep a[0], never below it
+  Mask at{};
   for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-    const Mask labels = V::labels(l);
-    const Mask candidate = (V::values(a + l, count) == value) & (labels < n) ? labels : Mask{} + n;
-    first = candidate < first ? candidate : first;
+    const Values x = V::values(a + l, count, a[0]);
+    const Mask below = x < low;
+    low = below ? x : low;
+    at = below ? V::labels(l) : at;
   });
-  return static_cast<int32_t>(V::lowest(first));
+  const scalar_t value = V::lowest(low);
+  return {value, static_cast<int32_t>(V::lowest(low == value ? at : Mask{} + n))};
 }
 
 // Eq. 3.5: u -= min u, returns the first argmin q (Alg. 1-2 line 10-11).
 template <typename scalar_t>
 APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
-  const scalar_t low = min_label(u, n_labels);
-  const int32_t q = first_label_of(u, n_labels, low);
+  const auto [low, q] = lowest_label(u, n_labels);
 #pragma omp simd
   for (int64_t l = 0; l < n_labels; ++l) u[l] -= low;
   return q;
@@ -283,8 +281,7 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, sc
   using Values = typename V::Values;
   using Mask = typename V::Mask;
   const int32_t n = static_cast<int32_t>(n_labels);
-  const scalar_t low = min_label(h, n_labels);
-  const int32_t best = first_label_of(h, n_labels, low);
+  const auto [low, best] = lowest_label(h, n_labels);
   const scalar_t jump = low + jump_cost;
   const int64_t words = potts_index_words<index_t>(n_labels), bit_bytes = words * sizeof(index_t);
   uint8_t* stay_bits = reinterpret_cast<uint8_t*>(p);
