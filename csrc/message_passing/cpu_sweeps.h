@@ -234,8 +234,9 @@ inline void for_label_chunks(int32_t n, const Body& body) {
   if (l < n) body(l, n - l);
 }
 
-// (min_l a(l), the first l with a(l) at that minimum) in one pass over the labels: each lane keeps its minimum and
-// the first label that reached it (strict comparisons), then the lanes are folded.
+// (min_l a(l), the first l with a(l) at that minimum), in one pass over the labels: each lane keeps its minimum and
+// the first label that reached it (strict comparisons, lanes start at +inf), then the lanes are folded. add() takes
+// the label chunks in order (lanes past n_labels must hold +inf).
 template <typename scalar_t>
 struct LowestLabel {
   scalar_t value;
@@ -243,21 +244,31 @@ struct LowestLabel {
 };
 
 template <typename scalar_t>
-APP_FLATTEN inline LowestLabel<scalar_t> lowest_label(const scalar_t* a, int64_t n_labels) {
+struct RunningLowest {
   using V = Lanes<scalar_t>;
-  using Values = typename V::Values;
-  using Mask = typename V::Mask;
-  const int32_t n = static_cast<int32_t>(n_labels);
-  Values low = Values{} + a[0];  // every lane starts at label 0; lanes past n keep a[0], never below it
-  Mask at{};
-  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-    const Values x = V::values(a + l, count, a[0]);
-    const Mask below = x < low;
+  typename V::Values low = typename V::Values{} + std::numeric_limits<scalar_t>::infinity();
+  typename V::Mask at{};
+
+  void add(int32_t l, const typename V::Values& x) {
+    const typename V::Mask below = x < low;
     low = below ? x : low;
     at = below ? V::labels(l) : at;
+  }
+  LowestLabel<scalar_t> result(int32_t n_labels) const {
+    const scalar_t value = V::lowest(low);
+    return {value, static_cast<int32_t>(V::lowest(low == value ? at : typename V::Mask{} + n_labels))};
+  }
+};
+
+template <typename scalar_t>
+APP_FLATTEN inline LowestLabel<scalar_t> lowest_label(const scalar_t* a, int64_t n_labels) {
+  using V = Lanes<scalar_t>;
+  const int32_t n = static_cast<int32_t>(n_labels);
+  RunningLowest<scalar_t> lowest;
+  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    lowest.add(l, V::values(a + l, count, std::numeric_limits<scalar_t>::infinity()));
   });
-  const scalar_t value = V::lowest(low);
-  return {value, static_cast<int32_t>(V::lowest(low == value ? at : Mask{} + n))};
+  return lowest.result(n);
 }
 
 // Eq. 3.5: u -= min u, returns the first argmin q (Alg. 1-2 line 10-11).
@@ -275,13 +286,13 @@ APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
 // Eq. 3.3): m = u + receiver, normalised by a second pass. Same values and argmins (ties to the lower label) as the
 // dense min-convolution followed by normalise.
 template <typename scalar_t, typename index_t>
-APP_FLATTEN inline int32_t potts_message(const scalar_t* h, int64_t n_labels, scalar_t jump_cost,
-                                         const scalar_t* receiver, scalar_t* m, index_t* p) {
+APP_FLATTEN inline int32_t potts_message(const scalar_t* h, LowestLabel<scalar_t> h_lowest, int64_t n_labels,
+                                         scalar_t jump_cost, const scalar_t* receiver, scalar_t* m, index_t* p) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   using Mask = typename V::Mask;
   const int32_t n = static_cast<int32_t>(n_labels);
-  const auto [low, best] = lowest_label(h, n_labels);
+  const auto [low, best] = h_lowest;
   const scalar_t jump = low + jump_cost;
   const int64_t words = potts_index_words<index_t>(n_labels), bit_bytes = words * sizeof(index_t);
   uint8_t* stay_bits = reinterpret_cast<uint8_t*>(p);
@@ -394,14 +405,16 @@ struct BandedConvolve {
 };
 
 // Forward of one message at pixel i from the sender costs h of its predecessor (Alg. 1-2 lines 7-11):
-// u = min-convolution (+ receiver), normalised in place; p and q stored.
+// u = min-convolution (+ receiver), normalised in place; p and q stored. h_lowest: h's lowest_label where the caller
+// took it while computing h (nullptr: taken here, where the kind needs it).
 template <typename scalar_t, typename index_t>
-void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, scalar_t w, const scalar_t* receiver,
-                     scalar_t* u, ConvolveScratch& scratch, BandedConvolve<scalar_t>& banded, index_t* p,
-                     index_t* q) {
+void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, const LowestLabel<scalar_t>* h_lowest,
+                     scalar_t w, const scalar_t* receiver, scalar_t* u, ConvolveScratch& scratch,
+                     BandedConvolve<scalar_t>& banded, index_t* p, index_t* q) {
   const int64_t n_labels = grid.n_labels;
   if (grid.kind == kPotts) {
-    *q = static_cast<index_t>(potts_message(h, n_labels, w * grid.v_r(r)[1], receiver, u, p));
+    const LowestLabel<scalar_t> lowest = h_lowest != nullptr ? *h_lowest : lowest_label(h, n_labels);
+    *q = static_cast<index_t>(potts_message(h, lowest, n_labels, w * grid.v_r(r)[1], receiver, u, p));
     return;
   }
   if (banded.reach >= 0) {
@@ -422,8 +435,11 @@ template <typename scalar_t, typename index_t>
 void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
                     scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
                     SweepIndices<index_t> iteration) {
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
-  const scalar_t rho = grid.rho();
+  const int32_t n = static_cast<int32_t>(L);
+  const scalar_t rho = grid.rho(), inf = std::numeric_limits<scalar_t>::infinity();
   const int64_t reach = BandedConvolve<scalar_t>::reach_for(grid.kind, grid.v, L);
   scan_pair(grid, r_first, false, [&](int64_t r) {
     scalar_t* m_r = messages + r * N * L;
@@ -455,22 +471,29 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
         const int64_t joff = (b * P + predecessor) * L;
         const scalar_t w = grid.weights[grid.weight_slot(r, b, predecessor, pixel)];
         scalar_t* __restrict__ h_j = h.data();
+        RunningLowest<scalar_t> lowest;  // h's lowest label, taken as h is computed
+        const scalar_t* total_j = method == kSGM ? nullptr : total + joff;
+        const scalar_t* opp_j = method == kSGM ? nullptr : m_opp + joff;
         if (method == kTRWP) {  // Eq. 3.10: rho (theta_j + sum_d m^d_j) - m^{r-}_j, latest messages
-          const scalar_t* total_j = total + joff;
-          const scalar_t* opp_j = m_opp + joff;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) h_j[l] = rho * total_j[l] - opp_j[l];
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values h_l = rho * V::values(total_j + l, count) - V::values(opp_j + l, count);
+            V::store(h_j + l, h_l, count);
+            lowest.add(l, V::labels(l) < n ? h_l : Values{} + inf);
+          });
         } else if (method == kISGMR) {  // Eq. 3.9: theta_j + m^{r,k+1}_j + sum_{d != r, r-} m^{d,k}_j
-          const scalar_t* total_j = total + joff;
           const scalar_t* old_j = old_r + joff;
-          const scalar_t* opp_j = m_opp + joff;
           const scalar_t* new_j = m_r + joff;
-#pragma omp simd
-          for (int64_t l = 0; l < L; ++l) h_j[l] = total_j[l] - old_j[l] - opp_j[l] + new_j[l];
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values h_l = V::values(total_j + l, count) - V::values(old_j + l, count) -
+                               V::values(opp_j + l, count) + V::values(new_j + l, count);
+            V::store(h_j + l, h_l, count);
+            lowest.add(l, V::labels(l) < n ? h_l : Values{} + inf);
+          });
         }
+        const LowestLabel<scalar_t> h_lowest = lowest.result(n);
         // SGM (Eq. 3.3): the sender costs are the predecessor's SGM message
-        compute_message(grid, r, method == kSGM ? m_r + joff : h_j, w, method == kSGM ? unary + off : nullptr, u_i,
-                        scratch, banded, p_i, idx.q + i);
+        compute_message(grid, r, method == kSGM ? m_r + joff : h_j, method == kSGM ? nullptr : &h_lowest, w,
+                        method == kSGM ? unary + off : nullptr, u_i, scratch, banded, p_i, idx.q + i);
       }
       if (method == kTRWP) {
         scalar_t* __restrict__ total_i = total + off;
