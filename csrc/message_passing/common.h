@@ -61,11 +61,16 @@ APP_HOST_DEVICE constexpr int64_t index_row(int64_t kind, int64_t n_labels) {
   return kind == kPotts ? potts_index_words<index_t>(n_labels) + 1 : n_labels;
 }
 
+// Whether label l keeps its sender label (p(l) = l) in a Potts message's stored row.
+template <typename index_t>
+APP_HOST_DEVICE inline bool potts_stays(const index_t* row, int64_t l) {
+  return (reinterpret_cast<const uint8_t*>(row)[l / 8] >> (l % 8)) & 1;
+}
+
 // p(l) from a Potts message's stored row.
 template <typename index_t>
 APP_HOST_DEVICE inline int64_t potts_argmin(const index_t* row, int64_t n_labels, int64_t l) {
-  const bool stays = (reinterpret_cast<const uint8_t*>(row)[l / 8] >> (l % 8)) & 1;
-  return stays ? l : static_cast<int64_t>(row[potts_index_words<index_t>(n_labels)]);
+  return potts_stays(row, l) ? l : static_cast<int64_t>(row[potts_index_words<index_t>(n_labels)]);
 }
 
 // The grid problem shared by every sweep: sizes, edge weights (B, K, H, W), V and V^T (L, L), and the entries of

@@ -701,11 +701,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     if (method == kTRWP) load_row(o_base + off, lane, L, in.o, scalar_t(0));
     if (potts) {
       const uint8_t* p_t = p + line.row(t) * grid.index_row;
-      const uint8_t m0 = p_t[potts_index_words<uint8_t>(L)];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int l = lane + 32 * k;
-        in.p[k] = l >= L ? 0 : ((p_t[l / 8] >> (l % 8)) & 1) ? static_cast<uint8_t>(l) : m0;
+        in.p[k] = l < L ? static_cast<uint8_t>(potts_argmin(p_t, L, l)) : 0;
       }
     } else {
       load_row(p + off, lane, L, in.p, uint8_t(0));
