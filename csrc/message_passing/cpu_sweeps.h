@@ -182,11 +182,21 @@ struct Lanes {
   }
   // Lane k true where bit first + k of the little-endian bit string `bytes` is set (first a multiple of kCount).
   static Mask from_bits(const uint8_t* bytes, int32_t first) {
-    const Int word = kCount == 8 ? bytes[first / 8] : bytes[first / 8] >> (first % 8);
+    const uint32_t bit = static_cast<uint32_t>(first);
+    const Int word = kCount == 8 ? bytes[bit / 8] : bytes[bit / 8] >> (bit % 8);
     const Mask lane_bits = (Mask{} + 1) << labels(0);
     return ((Mask{} + word) & lane_bits) == lane_bits;
   }
-  static void store(scalar_t* dst, const Values& v, int32_t count) { copy_elements<scalar_t>(dst, &v, count); }
+  // A whole vector is stored as scalar_t (a memcpy stores as char, which may alias anything: GCC then reloaded the
+  // sweep's pointers and constants after every store).
+  typedef scalar_t UnalignedValues __attribute__((vector_size(32), aligned(sizeof(scalar_t))));
+  static void store(scalar_t* dst, const Values& v, int32_t count) {
+    if (count == kCount) {
+      *reinterpret_cast<UnalignedValues*>(dst) = v;
+    } else {
+      copy_elements<scalar_t>(dst, &v, count);
+    }
+  }
   template <typename index_t>
   static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
     static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low part of a lane is its first index_t");
@@ -546,19 +556,19 @@ struct PottsScatter {
   using Values = typename V::Values;
   using Mask = typename V::Mask;
   const index_t* __restrict__ p;  // the message's Potts row (index_row)
+  int32_t m0;                     // its last entry: the label every jump takes
   scalar_t* __restrict__ gs;
   scalar_t* __restrict__ gv_diag;      // nullptr: V needs no gradient
   scalar_t* __restrict__ row_scratch;  // (L): w gm of the jumps, for V's row m0
   scalar_t w;
   int32_t n;
-  int32_t m0 = static_cast<int32_t>(p[potts_index_words<index_t>(n)]);  // the label every jump takes
   Values to_m0{};
   Mask jumped_lanes{};
 
   APP_FLATTEN void chunk(int32_t l, int32_t count, const Values& gm) {
     const Mask labels = V::labels(l);
     const Mask stays = V::from_bits(reinterpret_cast<const uint8_t*>(p), l);  // m0's bit is set
-    const Mask jumps = ~stays & (labels < n);
+    const Mask jumps = count == V::kCount ? ~stays : ~stays & (labels < n);
     const Values kept = V::select(stays, gm), jumped = V::select(jumps, gm);
     V::store(gs + l, kept, count);
     to_m0 += jumped;
@@ -573,15 +583,14 @@ struct PottsScatter {
   APP_FLATTEN void finish(int32_t q, scalar_t g_sum, const scalar_t* __restrict__ v_r, scalar_t* gw,
                           scalar_t* __restrict__ gv_r) {
     const bool q_jumps = !potts_stays(p, q);
-    scalar_t total = V::total(to_m0);
     if (q_jumps) {
-      total -= g_sum;
       if (gv_diag != nullptr) row_scratch[q] -= w * g_sum;
     } else {
       gs[q] -= g_sum;
       if (gv_diag != nullptr) gv_diag[q] -= w * g_sum;
     }
-    if (V::bits(jumped_lanes) == 0) return;
+    if (V::bits(jumped_lanes) == 0) return;  // (q jumps only where some label does)
+    const scalar_t total = q_jumps ? V::total(to_m0) - g_sum : V::total(to_m0);
     gs[m0] += total;
     if (gw != nullptr) *gw += total * v_r[1];
     if (gv_diag != nullptr) {
@@ -665,6 +674,30 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   if (weight_needed) *gw += weight_total;
 }
 
+// What a backward visitor needs per pixel, for one direction r (by value: see backward_sweeps).
+template <typename scalar_t, typename index_t>
+struct SweepConstants {
+  Method method;
+  bool potts;
+  int32_t n;           // labels
+  int64_t n_labels;    // the same, for offsets
+  int64_t pixels;      // H W
+  int64_t index_row;   // stored argmins per message
+  scalar_t rho;
+  bool weight_at_sender;      // even r: the edge's weight is stored at its sender pixel, else at its receiver
+  const scalar_t* weights;    // the image's weights of offset r / 2 at b = 0
+  int64_t weights_per_image;  // D / 2 H W
+  scalar_t* grad_weights;     // as weights; nullptr: not needed
+  const index_t* p;           // the sweep's argmins (N, index_row)
+  const index_t* q;           // (N)
+  scalar_t* common;           // BackwardState::common
+  scalar_t* extra;            // TRWP: E[r]; SGM: the unary gradient
+  scalar_t* extra_opposite;   // TRWP: E[r ^ 1]
+  const scalar_t* pair_grad;  // ISGMR: G[r / 2]
+  scalar_t* pending;          // ISGMR: P[r / 2]
+  bool first_of_pair;         // ISGMR: the pair's first sweep (writes P)
+};
+
 // Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4).
 template <typename scalar_t, typename index_t>
 void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
@@ -672,25 +705,33 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
-  const int32_t n = static_cast<int32_t>(L);
   const scalar_t rho = grid.rho();
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
   for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
-  constexpr int64_t kSlots = 2 * kBlockPixels;
+  static constexpr int64_t kSlots = 2 * kBlockPixels;
   scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r =
         state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
-    const index_t* p = iteration.p + r * N * grid.index_row;
-    const index_t* q = iteration.q + r * N;
+    // The visitor runs once per pixel: what it needs is captured by value (a reference capture costs a second load
+    // per use), the direction's buffers and weight offsets computed here once.
+    const SweepConstants<scalar_t, index_t> k{
+        method, grid.kind == kPotts, static_cast<int32_t>(L), L, P, grid.index_row, rho, r % 2 == 0,
+        grid.weights + r / 2 * P, grid.n_directions / 2 * P,
+        state.grad_weights == nullptr ? nullptr : state.grad_weights + r / 2 * P,
+        iteration.p + r * N * grid.index_row, iteration.q + r * N, state.common,
+        method == kTRWP ? state.extra + r * N * L : state.extra, method == kTRWP ? state.extra + (r ^ 1) * N * L : nullptr,
+        method == kISGMR ? state.pair_grad[r / 2] : nullptr, method == kISGMR ? state.pending + (r / 2) * N * L : nullptr,
+        method == kISGMR && r == r_first};
     // carry[half][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline.
     // The Potts pass writes the other half than it reads (and flips the slot's half); other kinds work in place.
-    return [&, r, r_first, p, q, gv_r, v_r = grid.v_r(r), g = std::vector<scalar_t>(L),
+    return [k, gv_r, v_r = grid.v_r(r), v_diag = v_diag.data(), g = std::vector<scalar_t>(L),
             row_scratch = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kSlots * L),
             half = std::vector<uint8_t>(kSlots), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable APP_FLATTEN {
-      const int64_t i = b * P + pixel, off = i * L;
-      auto carry_row = [&] { return carry.data() + (half[slot] * kSlots + slot) * L; };  // the slot's current half
-      const scalar_t* carried = carry_row();
+      const int32_t n = k.n;
+      const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
+      const int64_t current_half = half[slot];
+      const scalar_t* carried = carry.data() + (current_half * kSlots + slot) * k.n_labels;
       // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
       // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
       auto method_pass = [&](const auto& per_chunk) {
@@ -698,10 +739,11 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         auto carried_chunk = [&](int32_t l, int32_t count) {
           return has_successor ? V::values(from + l, count) : Values{};
         };
-        if (method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
-          scalar_t* __restrict__ c = state.common + off;
-          scalar_t* __restrict__ e_r = state.extra + r * N * L + off;
-          scalar_t* __restrict__ e_opp = state.extra + (r ^ 1) * N * L + off;
+        if (k.method == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
+          scalar_t* __restrict__ c = k.common + off;
+          scalar_t* __restrict__ e_r = k.extra + off;
+          scalar_t* __restrict__ e_opp = k.extra_opposite + off;
+          const scalar_t rho = k.rho;
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
             const Values c_l = V::values(c + l, count) + rho * from_successor;
@@ -711,10 +753,11 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
             V::store(e_opp + l, V::values(e_opp + l, count) - from_successor, count);
             per_chunk(l, count, g_l);
           });
-        } else if (method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
-          const scalar_t* __restrict__ g_pair = state.pair_grad[r / 2] + off;
-          scalar_t* __restrict__ pending = state.pending + (r / 2) * N * L + off;
-          const bool first_of_pair = r == r_first;  // its sweep visits every pixel: it writes pending, no zeroing
+        } else if (k.method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
+          const scalar_t* __restrict__ g_pair = k.pair_grad + off;
+          scalar_t* __restrict__ pending = k.pending + off;
+          // the first sweep of a pair visits every pixel: it writes pending, no zeroing
+          const bool first_of_pair = k.first_of_pair;
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
             V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
@@ -723,8 +766,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
           });
         } else {  // SGM: h_i = m^r_i; the receiver's unary (or the path start's) enters u directly: its gradient
                   // is gu, here gm, the q term taken off after the pass
-          const scalar_t* __restrict__ common = state.common + off;
-          scalar_t* __restrict__ grad_unary = state.extra + off;
+          const scalar_t* __restrict__ common = k.common + off;
+          scalar_t* __restrict__ grad_unary = k.extra + off;
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
             const Values g_l = V::values(common + l, count) + carried_chunk(l, count);
             V::store(grad_unary + l, V::values(grad_unary + l, count) + g_l, count);
@@ -734,13 +777,16 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       };
       Values g_sum{};
       scalar_t g_total = 0;
-      const int64_t slot_w = predecessor < 0 ? 0 : grid.weight_slot(r, b, predecessor, pixel);
-      scalar_t* gw = state.grad_weights == nullptr || predecessor < 0 ? nullptr : state.grad_weights + slot_w;
+      // the edge's weight slot: the image's weights of this offset at the edge's sender (even r) or receiver pixel
+      const int64_t slot_w = b * k.weights_per_image + (k.weight_at_sender ? predecessor : pixel);
+      scalar_t* gw = k.grad_weights == nullptr || predecessor < 0 ? nullptr : k.grad_weights + slot_w;
       // the edge weight only scales V's gradient: not loaded when V needs none
-      const scalar_t w = gv_r == nullptr || predecessor < 0 ? scalar_t(0) : grid.weights[slot_w];
-      if (grid.kind == kPotts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
-        half[slot] ^= 1;
-        PottsScatter<scalar_t, index_t> scatter{p + i * grid.index_row, carry_row(),
+      const scalar_t w = gv_r == nullptr || predecessor < 0 ? scalar_t(0) : k.weights[slot_w];
+      const index_t* p_i = k.p + i * k.index_row;
+      if (k.potts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
+        half[slot] = static_cast<uint8_t>(current_half ^ 1);
+        PottsScatter<scalar_t, index_t> scatter{p_i, static_cast<int32_t>(p_i[k.index_row - 1]),
+                                                carry.data() + ((current_half ^ 1) * kSlots + slot) * k.n_labels,
                                                 gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
                                                 w, n};
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {
@@ -748,7 +794,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
           scatter.chunk(l, count, g_l);
         });
         g_total = V::total(g_sum);
-        scatter.finish(static_cast<int32_t>(q[i]), g_total, v_r, gw, gv_r);
+        scatter.finish(static_cast<int32_t>(k.q[i]), g_total, v_r, gw, gv_r);
       } else {
         scalar_t* __restrict__ g_i = g.data();
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {
@@ -757,13 +803,14 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         });
         g_total = V::total(g_sum);
         if (predecessor >= 0) {
-          message_backward(L, g_i, g_total, q[i], p + off, v_r, v_diag.data(), w, carry_row(), gw, gv_r,
+          scalar_t* in_place = carry.data() + (current_half * kSlots + slot) * k.n_labels;
+          message_backward(k.n_labels, g_i, g_total, k.q[i], p_i, v_r, v_diag, w, in_place, gw, gv_r,
                            gv_diag.values.data());
         }
       }
       // SGM: the q term of gu on the unary gradient (also at a path start, which has no sender; TRWP's and ISGMR's
       // first messages are constant)
-      if (method == kSGM) state.extra[off + q[i]] -= g_total;
+      if (k.method == kSGM) k.extra[off + k.q[i]] -= g_total;
     };
   });
 }
