@@ -73,6 +73,16 @@ APP_HOST_DEVICE inline int64_t potts_argmin(const index_t* row, int64_t n_labels
   return potts_stays(row, l) ? l : static_cast<int64_t>(row[potts_index_words<index_t>(n_labels)]);
 }
 
+// The offsets in edge_weights (B, K, H, W) of direction r's edges: the edge (j, i), j the predecessor of i (in-image
+// indices), of image b is stored at offset + b per_image + (at_sender ? j : i), at its pixel of offset r / 2.
+struct WeightSlots {
+  int64_t offset, per_image;
+  bool at_sender;
+  APP_HOST_DEVICE int64_t operator()(int64_t b, int64_t j, int64_t i) const {
+    return offset + b * per_image + (at_sender ? j : i);
+  }
+};
+
 // The grid problem shared by every sweep: sizes, edge weights (B, K, H, W), V and V^T (L, L), and the entries of
 // one message's stored argmins (index_row).
 template <typename scalar_t>
@@ -88,9 +98,12 @@ struct Grid {
   // TRWP's rho (Eq. 3.10): 2 / D, the share of each direction's tree in the decomposition.
   APP_HOST_DEVICE scalar_t rho() const { return static_cast<scalar_t>(2.0 / static_cast<double>(n_directions)); }
   APP_HOST_DEVICE const scalar_t* v_r(int64_t r) const { return r % 2 == 0 ? v : v_t; }
+  APP_HOST_DEVICE WeightSlots weight_slots(int64_t r) const {
+    return {r / 2 * pixels(), n_directions / 2 * pixels(), r % 2 == 0};
+  }
   // Offset in edge_weights of the edge (j, i) of direction r, j the predecessor of i (in-image indices).
   APP_HOST_DEVICE int64_t weight_slot(int64_t r, int64_t b, int64_t j, int64_t i) const {
-    return (b * (n_directions / 2) + r / 2) * pixels() + (r % 2 == 0 ? j : i);
+    return weight_slots(r)(b, j, i);
   }
 };
 

@@ -458,28 +458,31 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
                                                 : nullptr;
     const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
     const SweepIndices<index_t> idx{iteration.p + r * N * grid.index_row, iteration.q + r * N};
-    // u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place
-    return [&, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
+    const int64_t index_row = grid.index_row;
+    // Scalars and pointers by value: the visitor runs once per pixel and a reference capture costs a second load per
+    // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place.
+    return [&grid, method, L, P, n, rho, inf, unary, total, out, weights = grid.weights,
+            weight_slot = grid.weight_slots(r), index_row, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
             banded = BandedConvolve<scalar_t>(L, reach)](
                int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* m_i = m_r + off;
-      index_t* __restrict__ p_i = idx.p + i * grid.index_row;
+      index_t* __restrict__ p_i = idx.p + i * index_row;
       if (predecessor < 0 && method != kSGM) {  // first node: no predecessor, message 0
         std::fill(m_i, m_i + L, scalar_t(0));
-        std::fill(p_i, p_i + grid.index_row, index_t(0));
+        std::fill(p_i, p_i + index_row, index_t(0));
         idx.q[i] = 0;
         return;
       }
       scalar_t* u_i = method == kTRWP ? u.data() : m_i;
       if (predecessor < 0) {  // SGM path start: the normalised unary (Hirschmuller's L_r = C)
         std::copy(unary + off, unary + off + L, u_i);
-        std::fill(p_i, p_i + grid.index_row, index_t(0));
+        std::fill(p_i, p_i + index_row, index_t(0));
         idx.q[i] = static_cast<index_t>(normalise_labels(u_i, L));
       } else {
         const int64_t joff = (b * P + predecessor) * L;
-        const scalar_t w = grid.weights[grid.weight_slot(r, b, predecessor, pixel)];
+        const scalar_t w = weights[weight_slot(b, predecessor, pixel)];
         scalar_t* __restrict__ h_j = h.data();
         // h's lowest label, taken as h is computed (only Potts uses it; a branch here cost the Potts forward 5%)
         RunningLowest<scalar_t> lowest;
@@ -684,10 +687,9 @@ struct SweepConstants {
   int64_t pixels;      // H W
   int64_t index_row;   // stored argmins per message
   scalar_t rho;
-  bool weight_at_sender;      // even r: the edge's weight is stored at its sender pixel, else at its receiver
-  const scalar_t* weights;    // the image's weights of offset r / 2 at b = 0
-  int64_t weights_per_image;  // D / 2 H W
-  scalar_t* grad_weights;     // as weights; nullptr: not needed
+  WeightSlots weight_slot;
+  const scalar_t* weights;
+  scalar_t* grad_weights;     // nullptr: not needed
   const index_t* p;           // the sweep's argmins (N, index_row)
   const index_t* q;           // (N)
   scalar_t* common;           // BackwardState::common
@@ -714,14 +716,25 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
     // The visitor runs once per pixel: what it needs is captured by value (a reference capture costs a second load
     // per use), the direction's buffers and weight offsets computed here once.
-    const SweepConstants<scalar_t, index_t> k{
-        method, grid.kind == kPotts, static_cast<int32_t>(L), L, P, grid.index_row, rho, r % 2 == 0,
-        grid.weights + r / 2 * P, grid.n_directions / 2 * P,
-        state.grad_weights == nullptr ? nullptr : state.grad_weights + r / 2 * P,
-        iteration.p + r * N * grid.index_row, iteration.q + r * N, state.common,
-        method == kTRWP ? state.extra + r * N * L : state.extra, method == kTRWP ? state.extra + (r ^ 1) * N * L : nullptr,
-        method == kISGMR ? state.pair_grad[r / 2] : nullptr, method == kISGMR ? state.pending + (r / 2) * N * L : nullptr,
-        method == kISGMR && r == r_first};
+    const bool trwp = method == kTRWP, isgmr = method == kISGMR;
+    const SweepConstants<scalar_t, index_t> k{method,
+                                              grid.kind == kPotts,
+                                              static_cast<int32_t>(L),
+                                              L,
+                                              P,
+                                              grid.index_row,
+                                              rho,
+                                              grid.weight_slots(r),
+                                              grid.weights,
+                                              state.grad_weights,
+                                              iteration.p + r * N * grid.index_row,
+                                              iteration.q + r * N,
+                                              state.common,
+                                              trwp ? state.extra + r * N * L : state.extra,
+                                              trwp ? state.extra + (r ^ 1) * N * L : nullptr,
+                                              isgmr ? state.pair_grad[r / 2] : nullptr,
+                                              isgmr ? state.pending + (r / 2) * N * L : nullptr,
+                                              isgmr && r == r_first};
     // carry[half][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline.
     // The Potts pass writes the other half than it reads (and flips the slot's half); other kinds work in place.
     return [k, gv_r, v_r = grid.v_r(r), v_diag = v_diag.data(), g = std::vector<scalar_t>(L),
@@ -777,8 +790,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       };
       Values g_sum{};
       scalar_t g_total = 0;
-      // the edge's weight slot: the image's weights of this offset at the edge's sender (even r) or receiver pixel
-      const int64_t slot_w = b * k.weights_per_image + (k.weight_at_sender ? predecessor : pixel);
+      const int64_t slot_w = k.weight_slot(b, predecessor, pixel);
       scalar_t* gw = k.grad_weights == nullptr || predecessor < 0 ? nullptr : k.grad_weights + slot_w;
       // the edge weight only scales V's gradient: not loaded when V needs none
       const scalar_t w = gv_r == nullptr || predecessor < 0 ? scalar_t(0) : k.weights[slot_w];
