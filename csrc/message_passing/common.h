@@ -12,7 +12,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -277,7 +279,8 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
 // sweeps of two opposite directions r_first and r_first ^ 1 over all their scanlines (forward: r_first first;
 // backward: in reverse scan order, r_first first), accumulators(L) (the number of (2, L, L) pairwise-gradient
 // buffers, summed at the end), kAccumulatesPending (whether ISGMR's backward_pair adds to pending, which must then
-// start zeroed, or the first sweep of a pair writes it) and isgmr_combine(pending, pair_grads, grad_unary), the end
+// start zeroed, or the first sweep of a pair writes it), kReadsUnwrittenExtra (whether TRWP's first replay reads E,
+// which must then start zeroed, or takes it as zero where BackwardState::first_replay says so) and isgmr_combine(pending, pair_grads, grad_unary), the end
 // of one ISGMR iteration's replay: with P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and, where
 // pair_grads is defined, pair_grads[k] = sum_{k' != k} P[k'].
 
@@ -300,21 +303,76 @@ struct BackwardState {
   scalar_t* grad_weights;  // nullptr: not needed
   scalar_t* grad_v;        // (accumulators, 2, L, L): V and V^T accumulators; nullptr: not needed
   const scalar_t* pair_grad[kMaxPairs];  // ISGMR: G[k] (N, L), the gradient of m^{2k} and m^{2k+1}
+  bool first_replay;  // TRWP: the last iteration's replay, before which E is unwritten (zero)
 };
 
-// An uninitialised buffer like at::empty; on the CPU under Linux its memory is marked for transparent huge pages
-// before the first touch (THP "madvise" mode), so that first touch faults 2 MiB pages instead of 4 KiB ones:
-// the kernels allocate a few hundred MiB per call, and the 4 KiB page faults took a large part of a call's time.
-inline at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor buffer = at::empty(sizes, options);
+// CPU buffers outlive the calls that took them: the kernels take a few hundred MiB per call, and the pages of a fresh
+// allocation are faulted and cleared by the kernel on first touch (up to a fifth of a 256x512 backward at 2 threads),
+// where a reused one's are not. The pool holds buffers whose storage no tensor uses any more and hands one of the
+// exact byte size out again; it keeps at most APP_BUFFER_POOL_MIB MiB (default 1024, 0 turns it off), dropping the
+// oldest unused buffers first.
+class BufferPool {
+ public:
+  static BufferPool& instance() {
+    static BufferPool pool;
+    return pool;
+  }
+
+  at::Tensor take(int64_t n_bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = buffers_.begin(); it != buffers_.end(); ++it) {
+      if (it->nbytes() == static_cast<size_t>(n_bytes) && it->storage().use_count() == 1) {
+        at::Tensor buffer = *it;
+        buffers_.erase(it);
+        buffers_.push_back(buffer);  // most recently used last
+        return buffer;
+      }
+    }
+    at::Tensor buffer = fresh(n_bytes);
+    int64_t held = n_bytes;
+    for (const at::Tensor& b : buffers_) held += static_cast<int64_t>(b.nbytes());
+    for (auto it = buffers_.begin(); it != buffers_.end() && held > limit_;) {
+      if (it->storage().use_count() == 1) {
+        held -= static_cast<int64_t>(it->nbytes());
+        it = buffers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (held <= limit_) buffers_.push_back(buffer);
+    return buffer;
+  }
+
+ private:
+  BufferPool() {
+    const char* mib = std::getenv("APP_BUFFER_POOL_MIB");
+    limit_ = (mib != nullptr && mib[0] != '\0' ? std::atoll(mib) : 1024) << 20;
+  }
+  // Its memory is marked for transparent huge pages before the first touch (Linux, THP "madvise" mode): first touch
+  // then faults 2 MiB pages instead of 4 KiB ones.
+  static at::Tensor fresh(int64_t n_bytes) {
+    at::Tensor buffer = at::empty({n_bytes}, at::TensorOptions().dtype(at::kByte));
 #ifdef __linux__
-  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + buffer.nbytes()) & ~(kHugePage - 1);
-  if (buffer.is_cpu() && first < last) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+    constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (begin + n_bytes) & ~(kHugePage - 1);
+    if (first < last) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
-  return buffer;
+    return buffer;
+  }
+
+  std::mutex mutex_;
+  std::vector<at::Tensor> buffers_;  // uint8, oldest first
+  int64_t limit_;
+};
+
+// An uninitialised buffer like at::empty; on the CPU from the BufferPool.
+inline at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty(sizes, options);
+  const int64_t n_bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
+  if (n_bytes == 0) return at::empty(sizes, options);
+  return BufferPool::instance().take(n_bytes).view(options.dtype().toScalarType()).view(sizes);
 }
 
 // A copy of x in a fresh empty_buffer, contiguous in x's dimension order.
@@ -479,10 +537,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   at::Tensor grad_unary;
   if (method == kTRWP) {
     // Message m^d has gradient C + E[d]; C is also theta's. Sweeps run in reverse order (Alg. 4).
-    at::Tensor common = g, extra = empty_buffer({D, N, L}, g.options()).zero_();
+    at::Tensor common = g, extra = empty_buffer({D, N, L}, g.options());
+    if (Sweeps::kReadsUnwrittenExtra) extra.zero_();
     state.common = common.mutable_data_ptr<scalar_t>();
     state.extra = extra.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
+      state.first_replay = it == n_iterations - 1;
       for (int64_t r = D - 1; r >= 0; r -= 2) run(it, r, state);
     }
     grad_unary = common;

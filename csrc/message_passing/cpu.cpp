@@ -90,6 +90,7 @@ struct CpuSweeps {
   }
   static int64_t accumulators(int64_t) { return at::get_num_threads(); }  // one per thread
   static constexpr bool kAccumulatesPending = false;  // the first sweep of each pair writes P
+  static constexpr bool kReadsUnwrittenExtra = false;  // TRWP's first replay writes E[r] and E[r ^ 1] first
   // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k] and,
   // where pair_grads is defined, pair_grads[k] = sum_k' P[k'] - P[k].
   template <typename scalar_t>

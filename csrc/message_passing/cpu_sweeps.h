@@ -698,6 +698,7 @@ struct SweepConstants {
   const scalar_t* pair_grad;  // ISGMR: G[r / 2]
   scalar_t* pending;          // ISGMR: P[r / 2]
   bool first_of_pair;         // ISGMR: the pair's first sweep (writes P)
+  bool unwritten_extra;       // TRWP: the first replay's first sweep, before which E[r] and E[r ^ 1] are zero
 };
 
 // Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4).
@@ -734,7 +735,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
                                               trwp ? state.extra + (r ^ 1) * N * L : nullptr,
                                               isgmr ? state.pair_grad[r / 2] : nullptr,
                                               isgmr ? state.pending + (r / 2) * N * L : nullptr,
-                                              isgmr && r == r_first};
+                                              isgmr && r == r_first,
+                                              trwp && state.first_replay && r == r_first};
     // carry[half][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline.
     // The Potts pass writes the other half than it reads (and flips the slot's half); other kinds work in place.
     return [k, gv_r, v_r = grid.v_r(r), v_diag = v_diag.data(), g = std::vector<scalar_t>(L),
@@ -744,6 +746,19 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       const int32_t n = k.n;
       const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
       const int64_t current_half = half[slot];
+      if (predecessor >= 0) {  // the scanline's next pixel in this sweep
+        const int64_t next = (b * k.pixels + predecessor) * k.n_labels;
+        for (int64_t e = 0; e < k.n_labels; e += 64 / sizeof(scalar_t)) {
+          if (k.method == kISGMR) {
+            __builtin_prefetch(k.pair_grad + next + e);
+            __builtin_prefetch(k.pending + next + e, 1);
+          } else {
+            __builtin_prefetch(k.common + next + e, 1);
+            __builtin_prefetch(k.extra + next + e, 1);
+            if (k.method == kTRWP) __builtin_prefetch(k.extra_opposite + next + e, 1);
+          }
+        }
+      }
       const scalar_t* carried = carry.data() + (current_half * kSlots + slot) * k.n_labels;
       // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
       // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
@@ -757,13 +772,15 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
           scalar_t* __restrict__ e_r = k.extra + off;
           scalar_t* __restrict__ e_opp = k.extra_opposite + off;
           const scalar_t rho = k.rho;
+          // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed)
+          const bool unwritten = k.unwritten_extra;
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
             const Values c_l = V::values(c + l, count) + rho * from_successor;
-            const Values g_l = c_l + V::values(e_r + l, count);
+            const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
             V::store(c + l, c_l, count);
             V::store(e_r + l, -c_l, count);
-            V::store(e_opp + l, V::values(e_opp + l, count) - from_successor, count);
+            V::store(e_opp + l, (unwritten ? Values{} : V::values(e_opp + l, count)) - from_successor, count);
             per_chunk(l, count, g_l);
           });
         } else if (k.method == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i

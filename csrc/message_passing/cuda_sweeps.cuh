@@ -945,6 +945,7 @@ struct Sweeps {
     return std::clamp<int64_t>((int64_t{32} << 20) / (2 * n_labels * n_labels * 8), 1, 128);
   }
   static constexpr bool kAccumulatesPending = true;  // both sweeps of a pair add to P
+  static constexpr bool kReadsUnwrittenExtra = true;  // E starts zeroed
   template <typename scalar_t>
   static void isgmr_combine(const at::Tensor& pending, at::Tensor pair_grads, const at::Tensor& grad_unary) {
     const at::Tensor base_grad = pending.sum(0);
