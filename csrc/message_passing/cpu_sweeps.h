@@ -17,9 +17,10 @@ inline int64_t ceil_div(int64_t a, int64_t d) { return a >= 0 ? (a + d - 1) / d 
 // r_first ^ 1, while its pixels are still in cache. Exact: a sweep reads and writes only the pixels of its own
 // scanline, which no other task touches. Scanlines are visited predecessors first (successors first when
 // reverse, for the backward). make_visitor(r) is called once per parallel chunk and direction and returns
-// visit(b, pixel, predecessor, has_successor, slot): predecessor is the in-image pixel index (y W + x) of the
+// visit(b, pixel, predecessor, has_successor, slot, phase): predecessor is the in-image pixel index (y W + x) of the
 // message's sender or -1 at a scanline's first node; slot in [0, 2 kBlockPixels) is constant along a scanline
-// and distinct between the scanlines a task interleaves (per-scanline scratch state).
+// and distinct between the scanlines a task interleaves (per-scanline scratch state); phase alternates between 0
+// and 1 along a scanline (double-buffered per-scanline state).
 //
 // Horizontal steps: one task per image row. Other steps (dy, dx), |dy| in {1, 2}: the scanlines are the sets of
 // constant key k = x ay - y ax with (ay, ax) = +-(dy, dx), ay > 0; a task takes a block of consecutive keys and
@@ -35,7 +36,7 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
       const bool ascending = (step > 0) != reverse;
       for (int64_t s = 0; s < W; ++s) {
         const int64_t x = ascending ? s : W - 1 - s;
-        visit(b, y * W + x, inside(y, x - step) ? y * W + x - step : -1, inside(y, x + step), 0);
+        visit(b, y * W + x, inside(y, x - step) ? y * W + x - step : -1, inside(y, x + step), 0, s & 1);
       }
     };
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
@@ -60,7 +61,7 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
       const int64_t x_end = std::min<int64_t>(W, ceil_div(key0 + span + y * ax, ay));
       for (int64_t x = x_begin; x < x_end; ++x) {
         visit(b, y * W + x, inside(y - sy, x - sx) ? (y - sy) * W + x - sx : -1, inside(y + sy, x + sx),
-              x * ay - y * ax - key0);
+              x * ay - y * ax - key0, (s / ay) & 1);
       }
     }
   };
@@ -465,7 +466,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
             weight_slot = grid.weight_slots(r), index_row, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
             banded = BandedConvolve<scalar_t>(L, reach)](
-               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t) mutable {
+               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t, int64_t) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* m_i = m_r + off;
       index_t* __restrict__ p_i = idx.p + i * index_row;
@@ -737,15 +738,15 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
                                               isgmr ? state.pending + (r / 2) * N * L : nullptr,
                                               isgmr && r == r_first,
                                               trwp && state.first_replay && r == r_first};
-    // carry[half][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline.
-    // The Potts pass writes the other half than it reads (and flips the slot's half); other kinds work in place.
+    // carry[phase][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline in
+    // i's phase; i leaves its predecessor's in the other, so that no store can alias a load of the same pass.
     return [k, gv_r, v_r = grid.v_r(r), v_diag = v_diag.data(), g = std::vector<scalar_t>(L),
             row_scratch = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kSlots * L),
-            half = std::vector<uint8_t>(kSlots), gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
-               int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot) mutable APP_FLATTEN {
+            gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
+               int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot,
+               int64_t phase) mutable APP_FLATTEN {
       const int32_t n = k.n;
       const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
-      const int64_t current_half = half[slot];
       if (predecessor >= 0) {  // the scanline's next pixel in this sweep
         const int64_t next = (b * k.pixels + predecessor) * k.n_labels;
         for (int64_t e = 0; e < k.n_labels; e += 64 / sizeof(scalar_t)) {
@@ -759,7 +760,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
           }
         }
       }
-      const scalar_t* carried = carry.data() + (current_half * kSlots + slot) * k.n_labels;
+      const scalar_t* carried = carry.data() + (phase * kSlots + slot) * k.n_labels;
+      scalar_t* to_predecessor = carry.data() + ((phase ^ 1) * kSlots + slot) * k.n_labels;
       // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
       // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
       auto method_pass = [&](const auto& per_chunk) {
@@ -812,10 +814,9 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
       // the edge weight only scales V's gradient: not loaded when V needs none
       const scalar_t w = gv_r == nullptr || predecessor < 0 ? scalar_t(0) : k.weights[slot_w];
       const index_t* p_i = k.p + i * k.index_row;
-      if (k.potts && predecessor >= 0) {  // the pass fused with the scatter, into the carry's other half
-        half[slot] = static_cast<uint8_t>(current_half ^ 1);
+      if (k.potts && predecessor >= 0) {  // the pass fused with the scatter
         PottsScatter<scalar_t, index_t> scatter{p_i, static_cast<int32_t>(p_i[k.index_row - 1]),
-                                                carry.data() + ((current_half ^ 1) * kSlots + slot) * k.n_labels,
+                                                to_predecessor,
                                                 gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
                                                 w, n};
         method_pass([&](int32_t l, int32_t count, const Values& g_l) {
@@ -832,8 +833,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
         });
         g_total = V::total(g_sum);
         if (predecessor >= 0) {
-          scalar_t* in_place = carry.data() + (current_half * kSlots + slot) * k.n_labels;
-          message_backward(k.n_labels, g_i, g_total, k.q[i], p_i, v_r, v_diag, w, in_place, gw, gv_r,
+          message_backward(k.n_labels, g_i, g_total, k.q[i], p_i, v_r, v_diag, w, to_predecessor, gw, gv_r,
                            gv_diag.values.data());
         }
       }
