@@ -279,8 +279,10 @@ inline void min_convolve(int64_t kind, const scalar_t* h, int64_t n_labels, scal
 // sweeps of two opposite directions r_first and r_first ^ 1 over all their scanlines (forward: r_first first;
 // backward: in reverse scan order, r_first first), accumulators(L) (the number of (2, L, L) pairwise-gradient
 // buffers, summed at the end), kAccumulatesPending (whether ISGMR's backward_pair adds to pending, which must then
-// start zeroed, or the first sweep of a pair writes it), kReadsUnwrittenExtra (whether TRWP's first replay reads E,
-// which must then start zeroed, or takes it as zero where BackwardState::first_replay says so) and isgmr_combine(pending, pair_grads, grad_unary), the end
+// start zeroed, or the first sweep of a pair writes it), kReadsUnwritten (whether the sweeps read buffers that are
+// still zero in the math before writing them, which must then start zeroed: TRWP's and ISGMR's messages in the first
+// iteration, TRWP's E in the first replay; or take them as zero where forward_pair's first_iteration and
+// BackwardState::first_replay say so) and isgmr_combine(pending, pair_grads, grad_unary), the end
 // of one ISGMR iteration's replay: with P = pending (K, N, L), grad_unary (N, L) += sum_k P[k] and, where
 // pair_grads is defined, pair_grads[k] = sum_{k' != k} P[k'].
 
@@ -467,32 +469,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, current.const_data_ptr<scalar_t>(), nullptr,
                                                          nullptr, messages.mutable_data_ptr<scalar_t>(),
-                                                         next.mutable_data_ptr<scalar_t>(), indices(it));
+                                                         next.mutable_data_ptr<scalar_t>(), indices(it), it == 0);
       }
       current = next;  // Eq. 3.6, the unary of the next iteration
     }
     costs = current;
   } else if (method == kTRWP) {
     // total starts as theta (Eq. 3.7 with zero messages); theta is not needed after
-    at::Tensor messages = empty_buffer({D, N, L}, theta.options()).zero_(), total = theta;
+    at::Tensor messages = empty_buffer({D, N, L}, theta.options()), total = theta;
+    if (Sweeps::kReadsUnwritten) messages.zero_();
     for (int64_t it = 0; it < n_iterations; ++it) {
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
                                                          messages.const_data_ptr<scalar_t>(),
-                                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it));
+                                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it),
+                                                         it == 0);
       }
     }
     costs = total;  // Eq. 3.7, kept up to date by the sweeps
   } else {
-    at::Tensor old_messages = empty_buffer({D, N, L}, theta.options()).zero_();
+    at::Tensor old_messages = empty_buffer({D, N, L}, theta.options());
     at::Tensor messages = empty_buffer({D, N, L}, theta.options());
     at::Tensor total = empty_buffer(theta.sizes(), theta.options()), total_rows = total.view({N, L});
+    if (Sweeps::kReadsUnwritten) old_messages.zero_();
     for (int64_t it = 0; it < n_iterations; ++it) {
-      at::sum_out(total_rows, old_messages, at::IntArrayRef{0}).add_(theta.view({N, L}));
+      if (it == 0 && !Sweeps::kReadsUnwritten) {
+        total_rows.copy_(theta.view({N, L}));  // no messages yet
+      } else {
+        at::sum_out(total_rows, old_messages, at::IntArrayRef{0}).add_(theta.view({N, L}));
+      }
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
                                                          old_messages.const_data_ptr<scalar_t>(),
-                                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it));
+                                                         messages.mutable_data_ptr<scalar_t>(), nullptr, indices(it),
+                                                         it == 0);
       }
       std::swap(old_messages, messages);  // Alg. 1 line 12
     }
@@ -538,7 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   if (method == kTRWP) {
     // Message m^d has gradient C + E[d]; C is also theta's. Sweeps run in reverse order (Alg. 4).
     at::Tensor common = g, extra = empty_buffer({D, N, L}, g.options());
-    if (Sweeps::kReadsUnwrittenExtra) extra.zero_();
+    if (Sweeps::kReadsUnwritten) extra.zero_();
     state.common = common.mutable_data_ptr<scalar_t>();
     state.extra = extra.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {

@@ -68,14 +68,14 @@ struct CpuSweeps {
   template <typename scalar_t, typename index_t>
   static void forward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
                            scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
-                           SweepIndices<index_t> iteration) {
+                           SweepIndices<index_t> iteration, bool first_iteration) {
 #if APP_MESSAGE_PASSING_AVX2
     if (has_avx2()) {
-      avx2::forward_sweeps(grid, method, r_first, unary, total, old_messages, messages, out, iteration);
+      avx2::forward_sweeps(grid, method, r_first, unary, total, old_messages, messages, out, iteration, first_iteration);
       return;
     }
 #endif
-    baseline::forward_sweeps(grid, method, r_first, unary, total, old_messages, messages, out, iteration);
+    baseline::forward_sweeps(grid, method, r_first, unary, total, old_messages, messages, out, iteration, first_iteration);
   }
   template <typename scalar_t, typename index_t>
   static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
@@ -90,7 +90,7 @@ struct CpuSweeps {
   }
   static int64_t accumulators(int64_t) { return at::get_num_threads(); }  // one per thread
   static constexpr bool kAccumulatesPending = false;  // the first sweep of each pair writes P
-  static constexpr bool kReadsUnwrittenExtra = false;  // TRWP's first replay writes E[r] and E[r ^ 1] first
+  static constexpr bool kReadsUnwritten = false;  // the first iteration / replay writes before it reads
   // One pass over the pixels (Alg. 3 after an iteration's replay): P (K, N, L) -> grad_unary += sum_k P[k] and,
   // where pair_grads is defined, pair_grads[k] = sum_k' P[k'] - P[k].
   template <typename scalar_t>

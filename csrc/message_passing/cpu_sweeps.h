@@ -441,11 +441,13 @@ void compute_message(const Grid<scalar_t>& grid, int64_t r, const scalar_t* h, c
   for (int64_t l = 0; l < n_labels; ++l) p[l] = static_cast<index_t>(scratch.arg[l]);
 }
 
-// Forward sweeps of the directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11; SGM Eq. 3.3).
+// Forward sweeps of the directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11; SGM Eq. 3.3). In the first iteration
+// (first_iteration) the messages are zero and their buffers unwritten: TRWP's own and opposite messages and ISGMR's
+// old ones are taken as zero until a sweep writes them.
 template <typename scalar_t, typename index_t>
 void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
                     scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
-                    SweepIndices<index_t> iteration) {
+                    SweepIndices<index_t> iteration, bool first_iteration) {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
@@ -460,10 +462,15 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
     const scalar_t* old_r = method == kISGMR ? old_messages + r * N * L : nullptr;
     const SweepIndices<index_t> idx{iteration.p + r * N * grid.index_row, iteration.q + r * N};
     const int64_t index_row = grid.index_row;
+    // unwritten (zero): in the first iteration TRWP's m^r before this sweep and m^{r-} before the pair's second
+    // sweep; ISGMR's old messages
+    const bool own_unwritten = first_iteration && method == kTRWP;
+    const bool opposite_unwritten = first_iteration && (method == kISGMR || r == r_first);
     // Scalars and pointers by value: the visitor runs once per pixel and a reference capture costs a second load per
     // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place.
     return [&grid, method, L, P, n, rho, inf, unary, total, out, weights = grid.weights,
-            weight_slot = grid.weight_slots(r), index_row, r, m_r, m_opp, old_r, idx, h = std::vector<scalar_t>(L),
+            weight_slot = grid.weight_slots(r), index_row, own_unwritten, opposite_unwritten, r, m_r, m_opp, old_r,
+            idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
             banded = BandedConvolve<scalar_t>(L, reach)](
                int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t, int64_t) mutable {
@@ -495,14 +502,16 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
         const scalar_t* opp_j = method == kSGM ? nullptr : m_opp + joff;
         if (method == kTRWP) {  // Eq. 3.10: rho (theta_j + sum_d m^d_j) - m^{r-}_j, latest messages
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-            emit(l, count, rho * V::values(total_j + l, count) - V::values(opp_j + l, count));
+            const Values opp = opposite_unwritten ? Values{} : V::values(opp_j + l, count);
+            emit(l, count, rho * V::values(total_j + l, count) - opp);
           });
         } else if (method == kISGMR) {  // Eq. 3.9: theta_j + m^{r,k+1}_j + sum_{d != r, r-} m^{d,k}_j
           const scalar_t* old_j = old_r + joff;
           const scalar_t* new_j = m_r + joff;
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-            emit(l, count, V::values(total_j + l, count) - V::values(old_j + l, count) - V::values(opp_j + l, count) +
-                               V::values(new_j + l, count));
+            const Values old_l = opposite_unwritten ? Values{} : V::values(old_j + l, count);
+            const Values opp_l = opposite_unwritten ? Values{} : V::values(opp_j + l, count);
+            emit(l, count, V::values(total_j + l, count) - old_l - opp_l + V::values(new_j + l, count));
           });
         }
         const LowestLabel<scalar_t> h_lowest = lowest.result(n);
@@ -515,7 +524,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
         const scalar_t* __restrict__ new_i = u_i;
 #pragma omp simd
         for (int64_t l = 0; l < L; ++l) {
-          total_i[l] += new_i[l] - m_i[l];
+          total_i[l] += new_i[l] - (own_unwritten ? scalar_t(0) : m_i[l]);
           m_i[l] = new_i[l];
         }
       } else if (method == kSGM) {

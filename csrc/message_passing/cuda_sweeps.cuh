@@ -921,7 +921,7 @@ struct Sweeps {
   template <typename scalar_t, typename index_t>
   static void forward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, const scalar_t* unary,
                            scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
-                           SweepIndices<index_t> iteration) {
+                           SweepIndices<index_t> iteration, bool /*first_iteration*/) {
     const int64_t N = grid.batch * grid.pixels();
     for (const int64_t r : {r_first, r_first ^ 1}) {
       forward(grid, method, r, unary, total, old_messages, messages, out,
@@ -945,7 +945,7 @@ struct Sweeps {
     return std::clamp<int64_t>((int64_t{32} << 20) / (2 * n_labels * n_labels * 8), 1, 128);
   }
   static constexpr bool kAccumulatesPending = true;  // both sweeps of a pair add to P
-  static constexpr bool kReadsUnwrittenExtra = true;  // E starts zeroed
+  static constexpr bool kReadsUnwritten = true;  // messages and E start zeroed (first_iteration is not read)
   template <typename scalar_t>
   static void isgmr_combine(const at::Tensor& pending, at::Tensor pair_grads, const at::Tensor& grad_unary) {
     const at::Tensor base_grad = pending.sum(0);
