@@ -756,7 +756,9 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
                int64_t phase) mutable APP_FLATTEN {
       const int32_t n = k.n;
       const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
-      if (predecessor >= 0) {  // the scanline's next pixel in this sweep
+      // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
+      // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on memory).
+      if (predecessor >= 0) {
         const int64_t next = (b * k.pixels + predecessor) * k.n_labels;
         for (int64_t e = 0; e < k.n_labels; e += 64 / sizeof(scalar_t)) {
           if (k.method == kISGMR) {
