@@ -203,10 +203,11 @@ torch.save(results, sys.argv[2])
 """
 
 
-def test_baseline_and_avx2_sweeps_agree_bitwise(tmp_path):
+def test_baseline_avx2_and_unpooled_runs_agree_bitwise(tmp_path):
     """The CPU sweeps are compiled for baseline x86-64 and for AVX2 (picked at run time); APP_DISABLE_AVX2=1
     keeps the baseline copy. Both round alike, so float32 costs and gradients are bitwise equal (19 labels:
-    full and partial label vectors, uint8 indices, general, Potts and truncated-linear pairwise)."""
+    full and partial label vectors, uint8 indices, general, Potts and truncated-linear pairwise). So are they
+    without the buffer pool (APP_BUFFER_POOL_MIB=0: every buffer fresh)."""
     gen = torch.Generator().manual_seed(31)
     inputs = [
         torch.rand(1, 19, 9, 11, generator=gen) * 4,
@@ -216,8 +217,13 @@ def test_baseline_and_avx2_sweeps_agree_bitwise(tmp_path):
     ]
     torch.save(inputs, tmp_path / "inputs.pt")
     outputs = {}
-    for name, disable in (("default", "0"), ("baseline", "1")):
-        env = {**os.environ, "APP_DISABLE_AVX2": disable}
+    variants = {
+        "default": {"APP_DISABLE_AVX2": "0"},
+        "baseline": {"APP_DISABLE_AVX2": "1"},
+        "unpooled": {"APP_BUFFER_POOL_MIB": "0"},
+    }
+    for name, variables in variants.items():
+        env = {**os.environ, **variables}
         subprocess.run(
             [sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / name)],
             env=env,
@@ -225,8 +231,9 @@ def test_baseline_and_avx2_sweeps_agree_bitwise(tmp_path):
         )
         outputs[name] = torch.load(tmp_path / name)
     assert len(outputs["default"]) == 27
-    for got, expected in zip(outputs["baseline"], outputs["default"], strict=True):
-        assert torch.equal(got, expected)
+    for name in ("baseline", "unpooled"):
+        for got, expected in zip(outputs[name], outputs["default"], strict=True):
+            assert torch.equal(got, expected), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
