@@ -315,9 +315,9 @@ struct BackwardState {
 // oldest unused buffers first.
 class BufferPool {
  public:
-  static BufferPool& instance() {
-    static BufferPool pool;
-    return pool;
+  static BufferPool& instance() {  // never destroyed: its tensors must not outlive the allocator at exit
+    static BufferPool* pool = new BufferPool();
+    return *pool;
   }
 
   at::Tensor take(int64_t n_bytes) {
@@ -350,8 +350,8 @@ class BufferPool {
     const char* mib = std::getenv("APP_BUFFER_POOL_MIB");
     limit_ = (mib != nullptr && mib[0] != '\0' ? std::atoll(mib) : 1024) << 20;
   }
-  // Its memory is marked for transparent huge pages before the first touch (Linux, THP "madvise" mode): first touch
-  // then faults 2 MiB pages instead of 4 KiB ones.
+  // A new buffer, its memory marked for transparent huge pages before the first touch (Linux, THP "madvise" mode):
+  // first touch then faults 2 MiB pages instead of 4 KiB ones.
   static at::Tensor fresh(int64_t n_bytes) {
     at::Tensor buffer = at::empty({n_bytes}, at::TensorOptions().dtype(at::kByte));
 #ifdef __linux__
