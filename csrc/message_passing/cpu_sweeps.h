@@ -188,16 +188,7 @@ struct Lanes {
     const Mask lane_bits = (Mask{} + 1) << labels(0);
     return ((Mask{} + word) & lane_bits) == lane_bits;
   }
-  // A whole vector is stored as scalar_t (a memcpy stores as char, which may alias anything: GCC then reloaded the
-  // sweep's pointers and constants after every store).
-  typedef scalar_t UnalignedValues __attribute__((vector_size(32), aligned(sizeof(scalar_t))));
-  static void store(scalar_t* dst, const Values& v, int32_t count) {
-    if (count == kCount) {
-      *reinterpret_cast<UnalignedValues*>(dst) = v;
-    } else {
-      copy_elements<scalar_t>(dst, &v, count);
-    }
-  }
+  static void store(scalar_t* dst, const Values& v, int32_t count) { copy_elements<scalar_t>(dst, &v, count); }
   template <typename index_t>
   static void store_indices(index_t* dst, const Mask& m, int32_t count) {  // m's lanes hold labels that fit index_t
     static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the low part of a lane is its first index_t");
