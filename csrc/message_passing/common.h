@@ -311,8 +311,8 @@ struct BackwardState {
 // CPU buffers outlive the calls that took them: the kernels take a few hundred MiB per call, and the pages of a fresh
 // allocation are faulted and cleared by the kernel on first touch (about a tenth of a 256x512 backward at 2 threads),
 // where a reused one's are not. The pool holds buffers whose storage no tensor uses any more and hands one of the
-// exact byte size out again; it keeps at most APP_BUFFER_POOL_MIB MiB (default 1024, 0 turns it off), dropping the
-// oldest unused buffers first.
+// exact byte size out again; its buffers, in use or not, take at most APP_BUFFER_POOL_MIB MiB (default 1024, 0 turns
+// it off): beyond that it drops unused ones, oldest first, and does not keep a new one that does not fit.
 class BufferPool {
  public:
   static BufferPool& instance() {  // never destroyed: its tensors must not outlive the allocator at exit
