@@ -683,8 +683,7 @@ template <typename scalar_t, typename index_t>
 struct SweepConstants {
   Method method;
   bool potts;
-  int32_t n;           // labels
-  int64_t n_labels;    // the same, for offsets
+  int64_t n_labels;
   int64_t pixels;      // H W
   int64_t index_row;   // stored argmins per message
   scalar_t rho;
@@ -721,7 +720,6 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
     const bool trwp = method == kTRWP, isgmr = method == kISGMR;
     const SweepConstants<scalar_t, index_t> k{method,
                                               grid.kind == kPotts,
-                                              static_cast<int32_t>(L),
                                               L,
                                               P,
                                               grid.index_row,
@@ -745,7 +743,7 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
             gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
                int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot,
                int64_t phase) mutable APP_FLATTEN {
-      const int32_t n = k.n;
+      const int32_t n = static_cast<int32_t>(k.n_labels);
       const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
       // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
       // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on memory).
@@ -776,7 +774,8 @@ void backward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first,
           scalar_t* __restrict__ e_r = k.extra + off;
           scalar_t* __restrict__ e_opp = k.extra_opposite + off;
           const scalar_t rho = k.rho;
-          // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed)
+          // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed); + 0 as the
+          // zeroed buffer's was added, so that -0 becomes +0 alike and the results stay bitwise the same
           const bool unwritten = k.unwritten_extra;
           for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
