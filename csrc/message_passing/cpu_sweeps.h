@@ -684,6 +684,7 @@ struct SweepConstants {
   int64_t n_labels;
   int64_t pixels;      // H W
   int64_t index_row;   // stored argmins per message
+  bool lockstep;       // r's scanlines cross image rows (scan_pair's lockstep blocks)
   scalar_t rho;
   WeightSlots weight_slot;
   const scalar_t* weights;
@@ -718,9 +719,12 @@ void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardSta
     // The visitor runs once per pixel: what it needs is captured by value (a reference capture costs a second load
     // per use), the direction's buffers and weight offsets computed here once.
     constexpr bool trwp = kMethod == kTRWP, isgmr = kMethod == kISGMR;
+    int64_t dy, dx;
+    direction_step(r, dy, dx);
     const SweepConstants<scalar_t, index_t> k{L,
                                               P,
                                               grid.index_row,
+                                              dy != 0,
                                               rho,
                                               grid.weight_slots(r),
                                               grid.weights,
@@ -744,8 +748,9 @@ void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardSta
       const int32_t n = static_cast<int32_t>(k.n_labels);
       const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
       // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
-      // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on memory).
-      if (predecessor >= 0) {
+      // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on memory);
+      // along a row it is the adjacent pixel, which needs none.
+      if (k.lockstep && predecessor >= 0) {
         const int64_t next = (b * k.pixels + predecessor) * k.n_labels;
         for (int64_t e = 0; e < k.n_labels; e += 64 / sizeof(scalar_t)) {
           if constexpr (kMethod == kISGMR) {
