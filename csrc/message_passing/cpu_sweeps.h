@@ -12,32 +12,68 @@ constexpr int64_t kBlockPixels = 16;  // pixels of one image row that one task h
 
 inline int64_t ceil_div(int64_t a, int64_t d) { return a >= 0 ? (a + d - 1) / d : -((-a) / d); }
 
+// A run of one sweep: the pixels (y, x), x = x0, x0 + x_step, ... (count of them) in visiting order, of image b. The
+// predecessor of (y, x) (the message's sender) is (y - sy, x - sx), in the image for x in [pred_lo, pred_hi); the
+// successor (y + sy, x + sx) for x in [succ_lo, succ_hi). The t-th pixel has the scratch slot slot0 + t slot_step and
+// the phase `phase`, or t & 1 where the phase alternates along the run (see scan_pair).
+struct ScanRun {
+  int64_t b, y, width, x0, x_step, count, sy, sx;
+  int64_t pred_lo, pred_hi, succ_lo, succ_hi;
+  int64_t slot0, slot_step, phase;
+  bool alternating;
+
+  ScanRun(int64_t b, int64_t y, int64_t x0, int64_t x_step, int64_t count, int64_t sy, int64_t sx, int64_t height,
+          int64_t width, int64_t slot0, int64_t slot_step, int64_t phase, bool alternating)
+      : b(b), y(y), width(width), x0(x0), x_step(x_step), count(count), sy(sy), sx(sx),
+        pred_lo(std::max<int64_t>(0, sx)),
+        pred_hi(y - sy >= 0 && y - sy < height ? std::min(width, width + sx) : 0),
+        succ_lo(std::max<int64_t>(0, -sx)),
+        succ_hi(y + sy >= 0 && y + sy < height ? std::min(width, width - sx) : 0),
+        slot0(slot0), slot_step(slot_step), phase(phase), alternating(alternating) {}
+  int64_t x(int64_t t) const { return x0 + t * x_step; }
+  int64_t pixel(int64_t t) const { return y * width + x(t); }
+  bool has_predecessor(int64_t t) const { return x(t) >= pred_lo && x(t) < pred_hi; }
+  int64_t predecessor(int64_t t) const { return has_predecessor(t) ? pixel(t) - sy * width - sx : -1; }
+  bool has_successor(int64_t t) const { return x(t) >= succ_lo && x(t) < succ_hi; }
+  int64_t slot(int64_t t) const { return slot0 + t * slot_step; }
+  int64_t phase_of(int64_t t) const { return alternating ? t & 1 : phase; }
+};
+
+// A run visitor from a per-pixel one: visit(b, pixel, predecessor, has_successor, slot, phase) for each pixel of the
+// run in order (in-image indices y W + x, predecessor -1 at a scanline's first node).
+template <typename Visit>
+struct PixelVisits {
+  Visit visit;
+  void run(const ScanRun& s) {
+    for (int64_t t = 0; t < s.count; ++t) {
+      visit(s.b, s.pixel(t), s.predecessor(t), s.has_successor(t), s.slot(t), s.phase_of(t));
+    }
+  }
+};
+template <typename Visit>
+PixelVisits(Visit) -> PixelVisits<Visit>;
+
 // Runs the sweeps of the opposite directions r_first and r_first ^ 1 (Alg. 1-2 lines 3-11): each parallel task
 // takes a set of scanlines (shared by both directions) and sweeps it in direction r_first, then in
 // r_first ^ 1, while its pixels are still in cache. Exact: a sweep reads and writes only the pixels of its own
 // scanline, which no other task touches. Scanlines are visited predecessors first (successors first when
-// reverse, for the backward). make_visitor(r) is called once per parallel chunk and direction and returns
-// visit(b, pixel, predecessor, has_successor, slot, phase): predecessor is the in-image pixel index (y W + x) of the
-// message's sender or -1 at a scanline's first node; slot in [0, 2 kBlockPixels) is constant along a scanline
-// and distinct between the scanlines a task interleaves (per-scanline scratch state); phase alternates between 0
-// and 1 along a scanline (double-buffered per-scanline state).
+// reverse, for the backward). make_visitor(r) is called once per parallel chunk and direction and returns an object
+// whose run(ScanRun) visits a run's pixels in order; each pixel has a scratch slot in [0, 2 kBlockPixels), constant
+// along a scanline and distinct between the scanlines a task interleaves (per-scanline scratch state), and a phase
+// that alternates between 0 and 1 along a scanline (double-buffered per-scanline state).
 //
-// Horizontal steps: one task per image row. Other steps (dy, dx), |dy| in {1, 2}: the scanlines are the sets of
-// constant key k = x ay - y ax with (ay, ax) = +-(dy, dx), ay > 0; a task takes a block of consecutive keys and
-// visits them row by row (lockstep), each row's members being a contiguous run of x.
+// Horizontal steps: one task and one run per image row. Other steps (dy, dx), |dy| in {1, 2}: the scanlines are the
+// sets of constant key k = x ay - y ax with (ay, ax) = +-(dy, dx), ay > 0; a task takes a block of consecutive keys
+// and visits them row by row (lockstep), each row's members being one run of contiguous x.
 template <typename scalar_t, typename MakeVisitor>
 void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const MakeVisitor& make_visitor) {
   int64_t dy, dx;
   direction_step(r_first, dy, dx);
   const int64_t H = grid.height, W = grid.width, B = grid.batch;
-  auto inside = [&](int64_t y, int64_t x) { return y >= 0 && y < H && x >= 0 && x < W; };
   if (dy == 0) {
-    auto sweep_row = [&](auto& visit, int64_t b, int64_t y, int64_t step) {
+    auto sweep_row = [&](auto& visitor, int64_t b, int64_t y, int64_t step) {
       const bool ascending = (step > 0) != reverse;
-      for (int64_t s = 0; s < W; ++s) {
-        const int64_t x = ascending ? s : W - 1 - s;
-        visit(b, y * W + x, inside(y, x - step) ? y * W + x - step : -1, inside(y, x + step), 0, s & 1);
-      }
+      visitor.run(ScanRun(b, y, ascending ? 0 : W - 1, ascending ? 1 : -1, W, 0, step, H, W, 0, 0, 0, true));
     };
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       auto first = make_visitor(r_first);
@@ -53,15 +89,15 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
   const int64_t key_lo = std::min<int64_t>(0, -(H - 1) * ax);
   const int64_t key_hi = (W - 1) * ay + std::max<int64_t>(0, -(H - 1) * ax) + 1;
   const int64_t span = kBlockPixels * ay, n_blocks = ceil_div(key_hi - key_lo, span);
-  auto sweep_block = [&](auto& visit, int64_t b, int64_t key0, int64_t sy, int64_t sx) {
+  auto sweep_block = [&](auto& visitor, int64_t b, int64_t key0, int64_t sy, int64_t sx) {
     const bool descending = (sy < 0) != reverse;
     for (int64_t s = 0; s < H; ++s) {
       const int64_t y = descending ? H - 1 - s : s;
       const int64_t x_begin = std::max<int64_t>(0, ceil_div(key0 + y * ax, ay));
       const int64_t x_end = std::min<int64_t>(W, ceil_div(key0 + span + y * ax, ay));
-      for (int64_t x = x_begin; x < x_end; ++x) {
-        visit(b, y * W + x, inside(y - sy, x - sx) ? (y - sy) * W + x - sx : -1, inside(y + sy, x + sx),
-              x * ay - y * ax - key0, (s / ay) & 1);
+      if (x_begin < x_end) {
+        visitor.run(ScanRun(b, y, x_begin, 1, x_end - x_begin, sy, sx, H, W, x_begin * ay - y * ax - key0, ay,
+                            (s / ay) & 1, false));
       }
     }
   };
@@ -459,12 +495,12 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
     const bool opposite_unwritten = first_iteration && (method == kISGMR || r == r_first);
     // Scalars and pointers by value: the visitor runs once per pixel and a reference capture costs a second load per
     // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place.
-    return [&grid, method, L, P, n, rho, inf, unary, total, out, weights = grid.weights,
+    return PixelVisits{[&grid, method, L, P, n, rho, inf, unary, total, out, weights = grid.weights,
             weight_slot = grid.weight_slots(r), index_row, own_unwritten, opposite_unwritten, r, m_r, m_opp, old_r,
             idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
             banded = BandedConvolve<scalar_t>(L, reach)](
-               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t, int64_t) mutable {
+               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t, int64_t) mutable __attribute__((noinline)) {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* m_i = m_r + off;
       index_t* __restrict__ p_i = idx.p + i * index_row;
@@ -523,7 +559,7 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
 #pragma omp simd
         for (int64_t l = 0; l < L; ++l) out_i[l] += m_i[l];
       }
-    };
+    }};
   });
 }
 
@@ -700,24 +736,167 @@ struct SweepConstants {
   bool unwritten_extra;       // TRWP: the first replay's first sweep, before which E[r] and E[r ^ 1] are zero
 };
 
+// The backward visitor of one direction (see backward_sweeps_of): run() replays a run's messages in order.
+template <Method kMethod, bool kPotts, typename scalar_t, typename index_t>
+struct BackwardRuns {
+  using V = Lanes<scalar_t>;
+  using Values = typename V::Values;
+  static constexpr int64_t kSlots = 2 * kBlockPixels;
+
+  SweepConstants<scalar_t, index_t> k;
+  scalar_t* gv_r;  // nullptr: V needs no gradient
+  const scalar_t* v_r;
+  const scalar_t* v_diag;
+  std::vector<scalar_t> g, row_scratch;
+  // carry[phase][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline in
+  // i's phase; i leaves its predecessor's in the other, so that no store can alias a load of the same pass.
+  std::vector<scalar_t> carry;
+  DiagonalGradient<scalar_t> gv_diag;
+
+  BackwardRuns(const SweepConstants<scalar_t, index_t>& k, scalar_t* gv_r, const scalar_t* v_r, const scalar_t* v_diag)
+      : k(k), gv_r(gv_r), v_r(v_r), v_diag(v_diag), g(k.n_labels), row_scratch(k.n_labels),
+        carry(2 * kSlots * k.n_labels), gv_diag(k.n_labels, gv_r) {}
+
+  // The run's pixels in order. What the pixels share is taken into locals first: the compiler keeps those in
+  // registers across the run, where members would be reloaded after every store.
+  APP_FLATTEN void run(const ScanRun& run) {
+    const ScanRun s = run;
+    const SweepConstants<scalar_t, index_t> c = k;
+    scalar_t* const gv = gv_r;
+    const scalar_t* const v = v_r;
+    scalar_t* const carry_data = carry.data();
+    scalar_t* const g_data = g.data();
+    scalar_t* const scratch_data = row_scratch.data();
+    scalar_t* const diag = gv == nullptr ? nullptr : gv_diag.values.data();
+    const int64_t L = c.n_labels, image = s.b * c.pixels, pred_delta = s.sy * s.width + s.sx;
+    const int32_t n = static_cast<int32_t>(L);
+    // the carry halves of the run's first pixel; along a run they swap (alternating phase) or move by slot_step
+    scalar_t* carried_row = carry_data + (s.phase_of(0) * kSlots + s.slot0) * L;
+    scalar_t* leaving_row = carry_data + ((s.phase_of(0) ^ 1) * kSlots + s.slot0) * L;
+    const int64_t carry_step = s.slot_step * L;
+    for (int64_t t = 0; t < s.count; ++t) {
+      const int64_t x = s.x(t), pixel = s.y * s.width + x, i = image + pixel, off = i * L;
+      const bool has_predecessor = x >= s.pred_lo && x < s.pred_hi, has_successor = s.has_successor(t);
+      // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
+      // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on
+      // memory); along a row it is the adjacent pixel, which needs none.
+      if (c.lockstep && has_predecessor) {
+        const int64_t next = off - pred_delta * L;
+        for (int64_t e = 0; e < L; e += 64 / sizeof(scalar_t)) {
+          if constexpr (kMethod == kISGMR) {
+            __builtin_prefetch(c.pair_grad + next + e);
+            __builtin_prefetch(c.pending + next + e, 1);
+          } else {
+            __builtin_prefetch(c.common + next + e, 1);
+            __builtin_prefetch(c.extra + next + e, 1);
+            if (kMethod == kTRWP) __builtin_prefetch(c.extra_opposite + next + e, 1);
+          }
+        }
+      }
+      const scalar_t* __restrict__ carried = carried_row;
+      scalar_t* to_predecessor = leaving_row;
+      if (s.alternating) {
+        std::swap(carried_row, leaving_row);
+      } else {
+        carried_row += carry_step;
+        leaving_row += carry_step;
+      }
+      // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
+      // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
+      auto method_pass = [&](const auto& per_chunk) {
+        auto carried_chunk = [&](int32_t l, int32_t count) {
+          return has_successor ? V::values(carried + l, count) : Values{};
+        };
+        if constexpr (kMethod == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
+          scalar_t* __restrict__ common = c.common + off;
+          scalar_t* __restrict__ e_r = c.extra + off;
+          scalar_t* __restrict__ e_opp = c.extra_opposite + off;
+          // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed); + 0 as the
+          // zeroed buffer's was added, so that -0 becomes +0 alike and the results stay bitwise the same
+          const bool unwritten = c.unwritten_extra;
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values from_successor = carried_chunk(l, count);
+            const Values c_l = V::values(common + l, count) + c.rho * from_successor;
+            const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
+            V::store(common + l, c_l, count);
+            V::store(e_r + l, -c_l, count);
+            V::store(e_opp + l, (unwritten ? Values{} : V::values(e_opp + l, count)) - from_successor, count);
+            per_chunk(l, count, g_l);
+          });
+        } else if constexpr (kMethod == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
+          const scalar_t* __restrict__ g_pair = c.pair_grad + off;
+          scalar_t* __restrict__ pending = c.pending + off;
+          // the first sweep of a pair visits every pixel: it writes pending, no zeroing
+          const bool first_of_pair = c.first_of_pair;
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values from_successor = carried_chunk(l, count);
+            V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
+                     count);
+            per_chunk(l, count, V::values(g_pair + l, count) + from_successor);
+          });
+        } else {  // SGM: h_i = m^r_i; the receiver's unary (or the path start's) enters u directly: its gradient
+                  // is gu, here gm, the q term taken off after the pass
+          const scalar_t* __restrict__ common = c.common + off;
+          scalar_t* __restrict__ grad_unary = c.extra + off;
+          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+            const Values g_l = V::values(common + l, count) + carried_chunk(l, count);
+            V::store(grad_unary + l, V::values(grad_unary + l, count) + g_l, count);
+            per_chunk(l, count, g_l);
+          });
+        }
+      };
+      Values g_sum{};
+      scalar_t g_total = 0;
+      // the edge's weight slot only where its gradient, or V's (which the weight scales), is needed
+      scalar_t* gw = nullptr;
+      scalar_t w = 0;
+      if (has_predecessor && (c.grad_weights != nullptr || gv != nullptr)) {
+        const int64_t slot_w = c.weight_slot(s.b, pixel - pred_delta, pixel);
+        if (c.grad_weights != nullptr) gw = c.grad_weights + slot_w;
+        if (gv != nullptr) w = c.weights[slot_w];
+      }
+      const index_t* p_i = c.p + i * c.index_row;
+      if (kPotts && has_predecessor) {  // the pass fused with the scatter
+        PottsScatter<scalar_t, index_t> scatter{p_i, static_cast<int32_t>(p_i[c.index_row - 1]), to_predecessor,
+                                                diag, scratch_data, w, n};
+        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
+          g_sum += g_l;
+          scatter.chunk(l, count, g_l);
+        });
+        g_total = V::total(g_sum);
+        scatter.finish(static_cast<int32_t>(c.q[i]), g_total, v, gw, gv);
+      } else {
+        scalar_t* __restrict__ g_i = g_data;
+        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
+          V::store(g_i + l, g_l, count);
+          g_sum += g_l;
+        });
+        g_total = V::total(g_sum);
+        if (has_predecessor) {
+          message_backward(L, g_i, g_total, c.q[i], p_i, v, v_diag, w, to_predecessor, gw, gv, diag);
+        }
+      }
+      // SGM: the q term of gu on the unary gradient (also at a path start, which has no sender; TRWP's and ISGMR's
+      // first messages are constant)
+      if constexpr (kMethod == kSGM) c.extra[off + c.q[i]] -= g_total;
+    }
+  }
+};
+
 // Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4), of the method
 // kMethod, kPotts where the pairwise is Potts: compile-time constants, so that the per-pixel visitor holds only the
 // code it runs (2-10% faster than branching on them per pixel).
 template <Method kMethod, bool kPotts, typename scalar_t, typename index_t>
 void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardState<scalar_t> state,
                         SweepIndices<const index_t> iteration) {
-  using V = Lanes<scalar_t>;
-  using Values = typename V::Values;
   const int64_t L = grid.n_labels, N = grid.batch * grid.pixels(), P = grid.pixels();
   const scalar_t rho = grid.rho();
   std::vector<scalar_t> v_diag(L);  // the same for V and V^T
   for (int64_t l = 0; l < L; ++l) v_diag[l] = grid.v[l * L + l];
-  static constexpr int64_t kSlots = 2 * kBlockPixels;
   scan_pair(grid, r_first, true, [&](int64_t r) {
     scalar_t* gv_r =
         state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
-    // The visitor runs once per pixel: what it needs is captured by value (a reference capture costs a second load
-    // per use), the direction's buffers and weight offsets computed here once.
+    // the direction's buffers and weight offsets, computed once
     constexpr bool trwp = kMethod == kTRWP, isgmr = kMethod == kISGMR;
     int64_t dy, dx;
     direction_step(r, dy, dx);
@@ -738,113 +917,7 @@ void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardSta
                                               isgmr ? state.pending + (r / 2) * N * L : nullptr,
                                               isgmr && r == r_first,
                                               trwp && state.first_replay && r == r_first};
-    // carry[phase][slot]: the gradient of the sender costs h_i, left by the successor of i on the slot's scanline in
-    // i's phase; i leaves its predecessor's in the other, so that no store can alias a load of the same pass.
-    return [k, gv_r, v_r = grid.v_r(r), v_diag = v_diag.data(), g = std::vector<scalar_t>(L),
-            row_scratch = std::vector<scalar_t>(L), carry = std::vector<scalar_t>(2 * kSlots * L),
-            gv_diag = DiagonalGradient<scalar_t>(L, gv_r)](
-               int64_t b, int64_t pixel, int64_t predecessor, bool has_successor, int64_t slot,
-               int64_t phase) mutable APP_FLATTEN {
-      const int32_t n = static_cast<int32_t>(k.n_labels);
-      const int64_t i = b * k.pixels + pixel, off = i * k.n_labels;
-      // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
-      // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on memory);
-      // along a row it is the adjacent pixel, which needs none.
-      if (k.lockstep && predecessor >= 0) {
-        const int64_t next = (b * k.pixels + predecessor) * k.n_labels;
-        for (int64_t e = 0; e < k.n_labels; e += 64 / sizeof(scalar_t)) {
-          if constexpr (kMethod == kISGMR) {
-            __builtin_prefetch(k.pair_grad + next + e);
-            __builtin_prefetch(k.pending + next + e, 1);
-          } else {
-            __builtin_prefetch(k.common + next + e, 1);
-            __builtin_prefetch(k.extra + next + e, 1);
-            if (kMethod == kTRWP) __builtin_prefetch(k.extra_opposite + next + e, 1);
-          }
-        }
-      }
-      const scalar_t* carried = carry.data() + (phase * kSlots + slot) * k.n_labels;
-      scalar_t* to_predecessor = carry.data() + ((phase ^ 1) * kSlots + slot) * k.n_labels;
-      // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
-      // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
-      auto method_pass = [&](const auto& per_chunk) {
-        const scalar_t* __restrict__ from = carried;
-        auto carried_chunk = [&](int32_t l, int32_t count) {
-          return has_successor ? V::values(from + l, count) : Values{};
-        };
-        if constexpr (kMethod == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
-          scalar_t* __restrict__ c = k.common + off;
-          scalar_t* __restrict__ e_r = k.extra + off;
-          scalar_t* __restrict__ e_opp = k.extra_opposite + off;
-          const scalar_t rho = k.rho;
-          // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed); + 0 as the
-          // zeroed buffer's was added, so that -0 becomes +0 alike and the results stay bitwise the same
-          const bool unwritten = k.unwritten_extra;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-            const Values from_successor = carried_chunk(l, count);
-            const Values c_l = V::values(c + l, count) + rho * from_successor;
-            const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
-            V::store(c + l, c_l, count);
-            V::store(e_r + l, -c_l, count);
-            V::store(e_opp + l, (unwritten ? Values{} : V::values(e_opp + l, count)) - from_successor, count);
-            per_chunk(l, count, g_l);
-          });
-        } else if constexpr (kMethod == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
-          const scalar_t* __restrict__ g_pair = k.pair_grad + off;
-          scalar_t* __restrict__ pending = k.pending + off;
-          // the first sweep of a pair visits every pixel: it writes pending, no zeroing
-          const bool first_of_pair = k.first_of_pair;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-            const Values from_successor = carried_chunk(l, count);
-            V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
-                     count);
-            per_chunk(l, count, V::values(g_pair + l, count) + from_successor);
-          });
-        } else {  // SGM: h_i = m^r_i; the receiver's unary (or the path start's) enters u directly: its gradient
-                  // is gu, here gm, the q term taken off after the pass
-          const scalar_t* __restrict__ common = k.common + off;
-          scalar_t* __restrict__ grad_unary = k.extra + off;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
-            const Values g_l = V::values(common + l, count) + carried_chunk(l, count);
-            V::store(grad_unary + l, V::values(grad_unary + l, count) + g_l, count);
-            per_chunk(l, count, g_l);
-          });
-        }
-      };
-      Values g_sum{};
-      scalar_t g_total = 0;
-      const int64_t slot_w = k.weight_slot(b, predecessor, pixel);
-      scalar_t* gw = k.grad_weights == nullptr || predecessor < 0 ? nullptr : k.grad_weights + slot_w;
-      // the edge weight only scales V's gradient: not loaded when V needs none
-      const scalar_t w = gv_r == nullptr || predecessor < 0 ? scalar_t(0) : k.weights[slot_w];
-      const index_t* p_i = k.p + i * k.index_row;
-      if (kPotts && predecessor >= 0) {  // the pass fused with the scatter
-        PottsScatter<scalar_t, index_t> scatter{p_i, static_cast<int32_t>(p_i[k.index_row - 1]),
-                                                to_predecessor,
-                                                gv_r == nullptr ? nullptr : gv_diag.values.data(), row_scratch.data(),
-                                                w, n};
-        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
-          g_sum += g_l;
-          scatter.chunk(l, count, g_l);
-        });
-        g_total = V::total(g_sum);
-        scatter.finish(static_cast<int32_t>(k.q[i]), g_total, v_r, gw, gv_r);
-      } else {
-        scalar_t* __restrict__ g_i = g.data();
-        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
-          V::store(g_i + l, g_l, count);
-          g_sum += g_l;
-        });
-        g_total = V::total(g_sum);
-        if (predecessor >= 0) {
-          message_backward(k.n_labels, g_i, g_total, k.q[i], p_i, v_r, v_diag, w, to_predecessor, gw, gv_r,
-                           gv_diag.values.data());
-        }
-      }
-      // SGM: the q term of gu on the unary gradient (also at a path start, which has no sender; TRWP's and ISGMR's
-      // first messages are constant)
-      if (kMethod == kSGM) k.extra[off + k.q[i]] -= g_total;
-    };
+    return BackwardRuns<kMethod, kPotts, scalar_t, index_t>(k, gv_r, grid.v_r(r), v_diag.data());
   });
 }
 
