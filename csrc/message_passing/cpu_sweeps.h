@@ -263,13 +263,14 @@ struct Lanes {
   }
 };
 
-// Calls body(l, count) for the label chunks [l, l + count) of n labels, count = kCount but for the last.
+// Calls body(l, count) for the label chunks [l, l + count) of n labels, count = kCount but for the last. l is 64-bit
+// so that the chunk's loads and stores address pointer + l directly (an int32 is sign-extended and added per pointer).
 template <typename scalar_t, typename Body>
 inline void for_label_chunks(int32_t n, const Body& body) {
   constexpr int32_t kCount = Lanes<scalar_t>::kCount;
-  int32_t l = 0;
+  int64_t l = 0;
   for (; l + kCount <= n; l += kCount) body(l, kCount);
-  if (l < n) body(l, n - l);
+  if (l < n) body(l, static_cast<int32_t>(n - l));
 }
 
 // (min_l a(l), the first l with a(l) at that minimum), in one pass over the labels: each lane keeps its minimum and
@@ -303,7 +304,7 @@ APP_FLATTEN inline LowestLabel<scalar_t> lowest_label(const scalar_t* a, int64_t
   using V = Lanes<scalar_t>;
   const int32_t n = static_cast<int32_t>(n_labels);
   RunningLowest<scalar_t> lowest;
-  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+  for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     lowest.add(l, V::values(a + l, count, std::numeric_limits<scalar_t>::infinity()));
   });
   return lowest.result(n);
@@ -335,7 +336,7 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, LowestLabel<scalar_t
   const int64_t words = potts_index_words<index_t>(n_labels), bit_bytes = words * sizeof(index_t);
   uint8_t* stay_bits = reinterpret_cast<uint8_t*>(p);
   uint64_t group = 0;  // the bits of labels [64 g, 64 g + 64), stored when complete or at the last label
-  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+  for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     const Values h_l = V::values(h + l, count);
     const Mask labels = V::labels(l);
     const Mask stay = (h_l < jump) | ((h_l == jump) & (labels < best));
@@ -422,7 +423,7 @@ struct BandedConvolve {
       above[l] = low;
       above_label[l] = low_label;
     }
-    for_label_chunks<scalar_t>(static_cast<int32_t>(n_labels), [&](int32_t l, int32_t count) {
+    for_label_chunks<scalar_t>(static_cast<int32_t>(n_labels), [&](int64_t l, int32_t count) {
       Values best = V::values(below.data() + l, count, inf);
       Mask label = V::template indices<int32_t>(below_label.data() + l, count);
       auto take = [&](const Values& cost, const Mask& from) {
@@ -528,14 +529,14 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
         const scalar_t* total_j = method == kSGM ? nullptr : total + joff;
         const scalar_t* opp_j = method == kSGM ? nullptr : m_opp + joff;
         if (method == kTRWP) {  // Eq. 3.10: rho (theta_j + sum_d m^d_j) - m^{r-}_j, latest messages
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values opp = opposite_unwritten ? Values{} : V::values(opp_j + l, count);
             emit(l, count, rho * V::values(total_j + l, count) - opp);
           });
         } else if (method == kISGMR) {  // Eq. 3.9: theta_j + m^{r,k+1}_j + sum_{d != r, r-} m^{d,k}_j
           const scalar_t* old_j = old_r + joff;
           const scalar_t* new_j = m_r + joff;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values old_l = opposite_unwritten ? Values{} : V::values(old_j + l, count);
             const Values opp_l = opposite_unwritten ? Values{} : V::values(opp_j + l, count);
             emit(l, count, V::values(total_j + l, count) - old_l - opp_l + V::values(new_j + l, count));
@@ -605,7 +606,7 @@ struct PottsScatter {
   Values to_m0{};
   Mask jumped_lanes{};
 
-  APP_FLATTEN void chunk(int32_t l, int32_t count, const Values& gm) {
+  APP_FLATTEN void chunk(int64_t l, int32_t count, const Values& gm) {
     const Mask labels = V::labels(l);
     const Mask stays = V::from_bits(reinterpret_cast<const uint8_t*>(p), l);  // m0's bit is set
     const Mask jumps = count == V::kCount ? ~stays : ~stays & (labels < n);
@@ -635,7 +636,7 @@ struct PottsScatter {
     if (gw != nullptr) *gw += total * v_r[1];
     if (gv_diag != nullptr) {
       scalar_t* __restrict__ gv_row = gv_r + m0 * n;
-      for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+      for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
         V::store(gv_row + l, V::values(gv_row + l, count) + V::values(row_scratch + l, count), count);
       });
     }
@@ -659,11 +660,11 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   const int32_t n = static_cast<int32_t>(n_labels), q_label = static_cast<int32_t>(q);
   const bool weight_needed = gw != nullptr, pairwise_needed = gv_r != nullptr;
   // gu on the labels [l, l + count): gm with g_sum taken off at q
-  auto gu = [&](int32_t l, int32_t count) {
+  auto gu = [&](int64_t l, int32_t count) {
     return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
   };
   Mask first = Mask{} + n;  // the first label that leaves its sender label, n if none
-  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+  for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     const Mask labels = V::labels(l);
     const Mask leaves = (V::template indices<index_t>(p + l, count) != labels) & (labels < n);
     first = leaves ? (labels < first ? labels : first) : first;
@@ -671,7 +672,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   const int32_t first_jump = static_cast<int32_t>(V::lowest(first));
   Values weight_grad{};
   if (first_jump == n) {  // every label keeps its sender label
-    for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+    for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
       const Values kept = gu(l, count);
       V::store(gs + l, kept, count);
       if (weight_needed) weight_grad += kept * V::values(v_diag + l, count);
@@ -685,7 +686,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   scalar_t* __restrict__ gv_row = pairwise_needed ? gv_r + m0 * n_labels : nullptr;
   Values to_m0{};
   Mask others{};
-  for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+  for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     const Values g_l = gu(l, count);
     const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
     const Mask stays = m == labels, jumps = (m == m0) & ~stays;
@@ -804,7 +805,7 @@ struct BackwardRuns {
       // The method's gradient of the sender costs h_i on every label chunk, from the carried gradient:
       // per_chunk(l, count, g_l) with g_l the gradient gm of the message sent from h_i (before Eq. 3.5's q term).
       auto method_pass = [&](const auto& per_chunk) {
-        auto carried_chunk = [&](int32_t l, int32_t count) {
+        auto carried_chunk = [&](int64_t l, int32_t count) {
           return has_successor ? V::values(carried + l, count) : Values{};
         };
         if constexpr (kMethod == kTRWP) {  // h_i = rho (theta_i + sum_d m^d_i) - m^{r-}_i; m^r_i is overwritten here
@@ -814,7 +815,7 @@ struct BackwardRuns {
           // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed); + 0 as the
           // zeroed buffer's was added, so that -0 becomes +0 alike and the results stay bitwise the same
           const bool unwritten = c.unwritten_extra;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
             const Values c_l = V::values(common + l, count) + c.rho * from_successor;
             const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
@@ -828,7 +829,7 @@ struct BackwardRuns {
           scalar_t* __restrict__ pending = c.pending + off;
           // the first sweep of a pair visits every pixel: it writes pending, no zeroing
           const bool first_of_pair = c.first_of_pair;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
             V::store(pending + l, first_of_pair ? from_successor : V::values(pending + l, count) + from_successor,
                      count);
@@ -838,7 +839,7 @@ struct BackwardRuns {
                   // is gu, here gm, the q term taken off after the pass
           const scalar_t* __restrict__ common = c.common + off;
           scalar_t* __restrict__ grad_unary = c.extra + off;
-          for_label_chunks<scalar_t>(n, [&](int32_t l, int32_t count) {
+          for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values g_l = V::values(common + l, count) + carried_chunk(l, count);
             V::store(grad_unary + l, V::values(grad_unary + l, count) + g_l, count);
             per_chunk(l, count, g_l);
