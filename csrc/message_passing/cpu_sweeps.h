@@ -591,7 +591,9 @@ struct DiagonalGradient {
 // not yet gu = gm - [l = q] g_sum (Eq. 3.5), to the sender costs gs (Eq. 3.30: kept labels; the jumps are summed) and
 // to V's diagonal and row m0 (Eq. 3.36; gv_diag, row_scratch), finish() takes the q term off where q's gradient went
 // and adds the jumps at m0. gs must not alias gm's source, so that the pass's loads can move above its stores.
-template <typename scalar_t, typename index_t>
+// kPairwiseGradient: V needs a gradient (gv_diag and row_scratch are then given), a compile-time constant so that the
+// label loop holds no test of it.
+template <typename scalar_t, typename index_t, bool kPairwiseGradient>
 struct PottsScatter {
   using V = Lanes<scalar_t>;
   using Values = typename V::Values;
@@ -599,7 +601,7 @@ struct PottsScatter {
   const index_t* __restrict__ p;  // the message's Potts row (index_row)
   int32_t m0;                     // its last entry: the label every jump takes
   scalar_t* __restrict__ gs;
-  scalar_t* __restrict__ gv_diag;      // nullptr: V needs no gradient
+  scalar_t* __restrict__ gv_diag;      // V's diagonal gradient (kPairwiseGradient)
   scalar_t* __restrict__ row_scratch;  // (L): w gm of the jumps, for V's row m0
   scalar_t w;
   int32_t n;
@@ -614,7 +616,7 @@ struct PottsScatter {
     V::store(gs + l, kept, count);
     to_m0 += jumped;
     jumped_lanes |= jumps;
-    if (gv_diag != nullptr) {
+    if constexpr (kPairwiseGradient) {
       V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
       V::store(row_scratch + l, w * jumped, count);
     }
@@ -625,16 +627,16 @@ struct PottsScatter {
                           scalar_t* __restrict__ gv_r) {
     const bool q_jumps = !potts_stays(p, q);
     if (q_jumps) {
-      if (gv_diag != nullptr) row_scratch[q] -= w * g_sum;
+      if constexpr (kPairwiseGradient) row_scratch[q] -= w * g_sum;
     } else {
       gs[q] -= g_sum;
-      if (gv_diag != nullptr) gv_diag[q] -= w * g_sum;
+      if constexpr (kPairwiseGradient) gv_diag[q] -= w * g_sum;
     }
     if (V::bits(jumped_lanes) == 0) return;  // (q jumps only where some label does)
     const scalar_t total = q_jumps ? V::total(to_m0) - g_sum : V::total(to_m0);
     gs[m0] += total;
     if (gw != nullptr) *gw += total * v_r[1];
-    if (gv_diag != nullptr) {
+    if constexpr (kPairwiseGradient) {
       scalar_t* __restrict__ gv_row = gv_r + m0 * n;
       for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
         V::store(gv_row + l, V::values(gv_row + l, count) + V::values(row_scratch + l, count), count);
@@ -858,17 +860,24 @@ struct BackwardRuns {
       }
       const index_t* p_i = c.p + i * c.index_row;
       if (kPotts && has_predecessor) {  // the pass fused with the scatter
-        PottsScatter<scalar_t, index_t> scatter{p_i, static_cast<int32_t>(p_i[c.index_row - 1]), to_predecessor,
-                                                diag, scratch_data, w, n};
-        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
-          g_sum += g_l;
-          scatter.chunk(l, count, g_l);
-        });
-        g_total = V::total(g_sum);
-        scatter.finish(static_cast<int32_t>(c.q[i]), g_total, v, gw, gv);
+        auto potts_pass = [&](auto pairwise_gradient) {
+          PottsScatter<scalar_t, index_t, decltype(pairwise_gradient)::value> scatter{
+              p_i, static_cast<int32_t>(p_i[c.index_row - 1]), to_predecessor, diag, scratch_data, w, n};
+          method_pass([&](int64_t l, int32_t count, const Values& g_l) {
+            g_sum += g_l;
+            scatter.chunk(l, count, g_l);
+          });
+          g_total = V::total(g_sum);
+          scatter.finish(static_cast<int32_t>(c.q[i]), g_total, v, gw, gv);
+        };
+        if (diag == nullptr) {
+          potts_pass(std::false_type{});
+        } else {
+          potts_pass(std::true_type{});
+        }
       } else {
         scalar_t* __restrict__ g_i = g_data;
-        method_pass([&](int32_t l, int32_t count, const Values& g_l) {
+        method_pass([&](int64_t l, int32_t count, const Values& g_l) {
           V::store(g_i + l, g_l, count);
           g_sum += g_l;
         });
