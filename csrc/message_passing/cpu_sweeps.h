@@ -495,13 +495,15 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
     const bool own_unwritten = first_iteration && method == kTRWP;
     const bool opposite_unwritten = first_iteration && (method == kISGMR || r == r_first);
     // Scalars and pointers by value: the visitor runs once per pixel and a reference capture costs a second load per
-    // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place.
+    // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place. A call per
+    // pixel (noinline): inlined into PixelVisits' loop GCC's code took more instructions.
     return PixelVisits{[&grid, method, L, P, n, rho, inf, unary, total, out, weights = grid.weights,
             weight_slot = grid.weight_slots(r), index_row, own_unwritten, opposite_unwritten, r, m_r, m_opp, old_r,
             idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
             banded = BandedConvolve<scalar_t>(L, reach)](
-               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t, int64_t) mutable __attribute__((noinline)) {
+               int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t,
+               int64_t) mutable __attribute__((noinline)) {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* m_i = m_r + off;
       index_t* __restrict__ p_i = idx.p + i * index_row;
@@ -717,7 +719,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   if (weight_needed) *gw += weight_total;
 }
 
-// What a backward visitor needs per pixel, for one direction r (by value: see backward_sweeps_of).
+// What the backward of one direction r needs per pixel (BackwardRuns copies it into locals for each run).
 template <typename scalar_t, typename index_t>
 struct SweepConstants {
   int64_t n_labels;
@@ -826,7 +828,8 @@ struct BackwardRuns {
             V::store(e_opp + l, (unwritten ? Values{} : V::values(e_opp + l, count)) - from_successor, count);
             per_chunk(l, count, g_l);
           });
-        } else if constexpr (kMethod == kISGMR) {  // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
+        } else if constexpr (kMethod == kISGMR) {
+          // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
           const scalar_t* __restrict__ g_pair = c.pair_grad + off;
           scalar_t* __restrict__ pending = c.pending + off;
           // the first sweep of a pair visits every pixel: it writes pending, no zeroing
@@ -894,8 +897,8 @@ struct BackwardRuns {
 };
 
 // Backward sweeps of the directions r_first and r_first ^ 1, each in reverse scan order (Alg. 3-4), of the method
-// kMethod, kPotts where the pairwise is Potts: compile-time constants, so that the per-pixel visitor holds only the
-// code it runs (2-10% faster than branching on them per pixel).
+// kMethod, kPotts where the pairwise is Potts: compile-time constants, so that the per-pixel code holds only what it
+// runs (2-10% faster than branching on them per pixel).
 template <Method kMethod, bool kPotts, typename scalar_t, typename index_t>
 void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardState<scalar_t> state,
                         SweepIndices<const index_t> iteration) {
