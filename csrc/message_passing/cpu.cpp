@@ -100,6 +100,18 @@ struct CpuSweeps {
     scalar_t* pair = pair_grads.defined() ? pair_grads.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* unary = grad_unary.mutable_data_ptr<scalar_t>();
     constexpr int64_t kChunk = 1024;
+    if (n_pairs == 2 && pair == nullptr) {  // 4 directions: the sum goes to the unary gradient only
+      at::parallel_for(0, size, kChunk, [&](int64_t begin, int64_t end) {
+#if APP_MESSAGE_PASSING_AVX2
+        if (has_avx2()) {
+          avx2::add_pair_sum(p + begin, p + size + begin, unary + begin, end - begin);
+          return;
+        }
+#endif
+        baseline::add_pair_sum(p + begin, p + size + begin, unary + begin, end - begin);
+      });
+      return;
+    }
     at::parallel_for(0, size, kChunk, [&](int64_t begin, int64_t end) {
       scalar_t total[kChunk];
       for (int64_t start = begin; start < end; start += kChunk) {

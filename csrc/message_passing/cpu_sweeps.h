@@ -566,6 +566,15 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
   });
 }
 
+// unary[e] += p_0[e] + p_1[e] for e < count: ISGMR's combine with two pairs (isgmr_combine), one pass without the
+// scratch sum, in this copy's vector width.
+template <typename scalar_t>
+void add_pair_sum(const scalar_t* __restrict__ p_0, const scalar_t* __restrict__ p_1, scalar_t* __restrict__ unary,
+                  int64_t count) {
+#pragma omp simd
+  for (int64_t e = 0; e < count; ++e) unary[e] += p_0[e] + p_1[e];
+}
+
 // Per-thread accumulator of the diagonal of V_r's gradient, added to the thread's (L, L) buffer when destroyed
 // (at the end of a parallel chunk), so that the common p(l) = l case stays contiguous.
 template <typename scalar_t>
