@@ -220,6 +220,13 @@ struct Lanes {
   // Lane k true where bit first + k of the little-endian bit string `bytes` is set (first a multiple of kCount).
   static Mask from_bits(const uint8_t* bytes, int32_t first) {
     const uint32_t bit = static_cast<uint32_t>(first);
+#if defined(APP_SWEEPS_AVX2)
+    if constexpr (kCount == 8) {  // the byte broadcast from memory to every byte: lane k tests bit k of its low byte
+      const Mask lane_bits = (Mask{} + 1) << labels(0);
+      const Mask word = reinterpret_cast<Mask>(_mm256_set1_epi8(static_cast<char>(bytes[bit / 8])));
+      return (word & lane_bits) == lane_bits;
+    }
+#endif
     const Int word = kCount == 8 ? bytes[bit / 8] : bytes[bit / 8] >> (bit % 8);
     const Mask lane_bits = (Mask{} + 1) << labels(0);
     return ((Mask{} + word) & lane_bits) == lane_bits;
