@@ -797,7 +797,7 @@ struct BackwardRuns {
     const int64_t carry_step = s.slot_step * L;
     for (int64_t t = 0; t < s.count; ++t) {
       const int64_t x = s.x(t), pixel = s.y * s.width + x, i = image + pixel, off = i * L;
-      const bool has_predecessor = x >= s.pred_lo && x < s.pred_hi, has_successor = s.has_successor(t);
+      const bool has_predecessor = s.has_predecessor(t), has_successor = s.has_successor(t);
       // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
       // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on
       // memory); along a row it is the adjacent pixel, which needs none.
