@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <tuple>
@@ -401,8 +402,14 @@ __attribute__((target("avx2"))) inline void transpose_block8(const float* in, fl
   for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + (s + k) * channels + c, rows[k]);
 }
 
-inline bool transpose_with_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2");
+// Whether the CPU has AVX2 and APP_DISABLE_AVX2 (read once; set and not "0") does not ask for the baseline code, so
+// that tests can run the baseline copies on an AVX2 machine: the transposes here, the sweeps in cpu.cpp.
+inline bool cpu_has_avx2() {
+  static const bool supported = [] {
+    const char* disable = std::getenv("APP_DISABLE_AVX2");
+    const bool disabled = disable != nullptr && disable[0] != '\0' && std::strcmp(disable, "0") != 0;
+    return __builtin_cpu_supports("avx2") && !disabled;
+  }();
   return supported;
 }
 #define APP_TRANSPOSE_AVX2 1
@@ -419,7 +426,7 @@ inline void transpose_tile(const scalar_t* in, scalar_t* out, int64_t channels, 
 #if defined(APP_TRANSPOSE_SSE)
   if constexpr (std::is_same_v<scalar_t, float>) {
 #if defined(APP_TRANSPOSE_AVX2)
-    if (transpose_with_avx2() && (s1 - s0) % 8 == 0 && (c1 - c0) % 8 == 0) {
+    if (cpu_has_avx2() && (s1 - s0) % 8 == 0 && (c1 - c0) % 8 == 0) {
       if (channels <= spatial) {
         for (int64_t c = c0; c < c1; c += 8) {
           for (int64_t s = s0; s < s1; s += 8) transpose_block8(in, out, channels, spatial, s, c);

@@ -53,15 +53,6 @@ namespace avx2 {
 #undef APP_SWEEPS_AVX2
 #pragma GCC pop_options
 
-// APP_DISABLE_AVX2=1 (read once) keeps the baseline copy, so that it can be tested on an AVX2 machine.
-bool has_avx2() {
-  static const bool supported = [] {
-    const char* disable = std::getenv("APP_DISABLE_AVX2");
-    const bool disabled = disable != nullptr && disable[0] != '\0' && std::strcmp(disable, "0") != 0;
-    return __builtin_cpu_supports("avx2") && !disabled;
-  }();
-  return supported;
-}
 #endif
 
 struct CpuSweeps {
@@ -70,7 +61,7 @@ struct CpuSweeps {
                            scalar_t* total, const scalar_t* old_messages, scalar_t* messages, scalar_t* out,
                            SweepIndices<index_t> iteration, bool first_iteration) {
 #if APP_MESSAGE_PASSING_AVX2
-    if (has_avx2()) {
+    if (cpu_has_avx2()) {
       avx2::forward_sweeps(grid, method, r_first, unary, total, old_messages, messages, out, iteration, first_iteration);
       return;
     }
@@ -81,7 +72,7 @@ struct CpuSweeps {
   static void backward_pair(const Grid<scalar_t>& grid, Method method, int64_t r_first, BackwardState<scalar_t> state,
                             SweepIndices<const index_t> iteration) {
 #if APP_MESSAGE_PASSING_AVX2
-    if (has_avx2()) {
+    if (cpu_has_avx2()) {
       avx2::backward_sweeps(grid, method, r_first, state, iteration);
       return;
     }
@@ -103,7 +94,7 @@ struct CpuSweeps {
     if (n_pairs == 2 && pair == nullptr) {  // 4 directions: the sum goes to the unary gradient only
       at::parallel_for(0, size, kChunk, [&](int64_t begin, int64_t end) {
 #if APP_MESSAGE_PASSING_AVX2
-        if (has_avx2()) {
+        if (cpu_has_avx2()) {
           avx2::add_pair_sum(p + begin, p + size + begin, unary + begin, end - begin);
           return;
         }
