@@ -220,15 +220,14 @@ struct Lanes {
   // Lane k true where bit first + k of the little-endian bit string `bytes` is set (first a multiple of kCount).
   static Mask from_bits(const uint8_t* bytes, int32_t first) {
     const uint32_t bit = static_cast<uint32_t>(first);
+    const Mask lane_bits = (Mask{} + 1) << labels(0);
 #if defined(APP_SWEEPS_AVX2)
     if constexpr (kCount == 8) {  // the byte broadcast from memory to every byte: lane k tests bit k of its low byte
-      const Mask lane_bits = (Mask{} + 1) << labels(0);
       const Mask word = reinterpret_cast<Mask>(_mm256_set1_epi8(static_cast<char>(bytes[bit / 8])));
       return (word & lane_bits) == lane_bits;
     }
 #endif
     const Int word = kCount == 8 ? bytes[bit / 8] : bytes[bit / 8] >> (bit % 8);
-    const Mask lane_bits = (Mask{} + 1) << labels(0);
     return ((Mask{} + word) & lane_bits) == lane_bits;
   }
   static void store(scalar_t* dst, const Values& v, int32_t count) { copy_elements<scalar_t>(dst, &v, count); }
@@ -741,7 +740,6 @@ struct SweepConstants {
   int64_t n_labels;
   int64_t pixels;      // H W
   int64_t index_row;   // stored argmins per message
-  bool lockstep;       // r's scanlines cross image rows (scan_pair's lockstep blocks)
   scalar_t rho;
   WeightSlots weight_slot;
   const scalar_t* weights;
@@ -801,7 +799,7 @@ struct BackwardRuns {
       // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes 16
       // visits later, a row further, where the hardware prefetcher does not reach (vertical sweeps waited on
       // memory); along a row it is the adjacent pixel, which needs none.
-      if (c.lockstep && has_predecessor) {
+      if (s.sy != 0 && has_predecessor) {  // a lockstep block's row
         const int64_t next = off - pred_delta * L;
         for (int64_t e = 0; e < L; e += 64 / sizeof(scalar_t)) {
           if constexpr (kMethod == kISGMR) {
@@ -927,12 +925,9 @@ void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardSta
         state.grad_v == nullptr ? nullptr : state.grad_v + (at::get_thread_num() * 2 + r % 2) * L * L;
     // the direction's buffers and weight offsets, computed once
     constexpr bool trwp = kMethod == kTRWP, isgmr = kMethod == kISGMR;
-    int64_t dy, dx;
-    direction_step(r, dy, dx);
     const SweepConstants<scalar_t, index_t> k{L,
                                               P,
                                               grid.index_row,
-                                              dy != 0,
                                               rho,
                                               grid.weight_slots(r),
                                               grid.weights,
