@@ -116,6 +116,13 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
 // written with GCC vector extensions so that both builds share the code and sum in the same order (bitwise equal
 // results; the uint8 index widening uses SSE2 / AVX2 intrinsics, as GCC scalarises that vector conversion).
 // Partial vectors (the last count < kCount labels) load `fill` past count.
+#if !defined(APP_SWEEPS_AVX2)
+template <typename Element>
+struct HalfVector {  // 16 bytes of Element, half a label vector
+  typedef Element type __attribute__((vector_size(16)));
+};
+#endif
+
 template <typename scalar_t>
 struct Lanes {
   static constexpr int32_t kCount = static_cast<int32_t>(32 / sizeof(scalar_t));
@@ -160,7 +167,7 @@ struct Lanes {
       return inside ? v : Values{} + fill;
     }
 #endif
-    Values v = Values{} + fill;
+    Values v = splat(fill);
     copy_elements<scalar_t>(&v, src, count);
     return v;
   }
@@ -211,6 +218,15 @@ struct Lanes {
     } else {
       return static_cast<uint32_t>(_mm256_movemask_pd(reinterpret_cast<__m256d>(m)));
     }
+#elif defined(__SSE2__)
+    const auto parts = halves(m);
+    if constexpr (kCount == 8) {
+      return static_cast<uint32_t>(_mm_movemask_ps(reinterpret_cast<__m128>(parts.low)) |
+                                   _mm_movemask_ps(reinterpret_cast<__m128>(parts.high)) << 4);
+    } else {
+      return static_cast<uint32_t>(_mm_movemask_pd(reinterpret_cast<__m128d>(parts.low)) |
+                                   _mm_movemask_pd(reinterpret_cast<__m128d>(parts.high)) << 2);
+    }
 #else
     uint32_t result = 0;
     for (int32_t k = 0; k < kCount; ++k) result |= static_cast<uint32_t>(m[k] != 0) << k;
@@ -224,11 +240,11 @@ struct Lanes {
 #if defined(APP_SWEEPS_AVX2)
     if constexpr (kCount == 8) {  // the byte broadcast from memory to every byte: lane k tests bit k of its low byte
       const Mask word = reinterpret_cast<Mask>(_mm256_set1_epi8(static_cast<char>(bytes[bit / 8])));
-      return (word & lane_bits) == lane_bits;
+      return equal(word & lane_bits, lane_bits);
     }
 #endif
     const Int word = kCount == 8 ? bytes[bit / 8] : bytes[bit / 8] >> (bit % 8);
-    return ((Mask{} + word) & lane_bits) == lane_bits;
+    return equal((Mask{} + word) & lane_bits, lane_bits);
   }
   static void store(scalar_t* dst, const Values& v, int32_t count) { copy_elements<scalar_t>(dst, &v, count); }
   template <typename index_t>
@@ -244,10 +260,65 @@ struct Lanes {
     return __builtin_shufflevector(parts, parts, (K * kRatio)...);
   }
   static Values select(const Mask& m, const Values& v) { return reinterpret_cast<Values>(m & reinterpret_cast<Mask>(v)); }
+  // Lane-wise comparisons and choice, T Values or Mask (exact, so both copies' results stay bitwise the same), and
+  // 0 + x in every lane.
+#if defined(APP_SWEEPS_AVX2)
+  static Values splat(scalar_t x) { return Values{} + x; }
+  template <typename T>
+  static Mask less(const T& a, const T& b) { return a < b; }
+  template <typename T>
+  static Mask equal(const T& a, const T& b) { return a == b; }
+  template <typename T>
+  static T blend(const Mask& m, const T& a, const T& b) { return m ? a : b; }
+#else
+  // Without 32-byte registers (the baseline x86-64 copy, SSE2; NEON) GCC 12 lowers these operators on 32-byte
+  // vectors lane by lane through scalar registers (the backward took 5.6x the AVX2 copy's instructions); on the two
+  // 16-byte halves each is one instruction per half. The splat too: GCC stored a 32-byte one lane by lane and
+  // reloaded it whole, a store-forwarding stall.
+  static Values splat(scalar_t x) {
+    using Half = typename HalfVector<scalar_t>::type;
+    return joined<Values>(Half{} + x, Half{} + x);
+  }
+  template <typename T>
+  static Mask less(const T& a, const T& b) {
+    const auto x = halves(a), y = halves(b);
+    return joined<Mask>(x.low < y.low, x.high < y.high);
+  }
+  template <typename T>
+  static Mask equal(const T& a, const T& b) {
+    const auto x = halves(a), y = halves(b);
+    return joined<Mask>(x.low == y.low, x.high == y.high);
+  }
+  template <typename T>
+  static T blend(const Mask& m, const T& a, const T& b) {
+    const auto k = halves(m), x = halves(a), y = halves(b);
+    return joined<T>(k.low ? x.low : y.low, k.high ? x.high : y.high);
+  }
+  template <typename T>
+  static auto halves(const T& v) {
+    // (the half's type from the lane type: GCC 12 took std::is_same_v<T, Values> as false here, comparing floats as
+    // integers)
+    using Half = typename HalfVector<std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>>::type;
+    struct {
+      Half low, high;
+    } parts;
+    std::memcpy(&parts, &v, sizeof(v));
+    return parts;
+  }
+  template <typename T, typename Half>
+  static T joined(const Half& low, const Half& high) {
+    const Half parts[2] = {low, high};
+    T v;
+    std::memcpy(&v, parts, sizeof(v));
+    return v;
+  }
+#endif
   // op folded over the lanes, as a tree of shuffles (no lane is read by a run-time index, which made GCC keep the
-  // accumulators in memory)
+  // accumulators in memory); op takes two vectors of the copy's register width. The baseline copy starts from the
+  // two halves, which is the AVX2 copy's first step: lane 0 sees the same operations in both.
   template <typename T, typename Op>
   static auto fold(const T& lanes, const Op& op) {
+#if defined(APP_SWEEPS_AVX2)
     T v = lanes;
     if constexpr (kCount == 8) {
       v = op(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
@@ -257,15 +328,25 @@ struct Lanes {
       v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
       v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
     }
+#else
+    const auto parts = halves(lanes);
+    auto v = op(parts.low, parts.high);
+    if constexpr (kCount == 8) {
+      v = op(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+      v = op(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+    } else {
+      v = op(v, __builtin_shufflevector(v, v, 1, 0));
+    }
+#endif
     return v[0];
   }
   template <typename T>
   static auto total(const T& v) {
-    return fold(v, [](const T& a, const T& b) { return a + b; });
+    return fold(v, [](const auto& a, const auto& b) { return a + b; });
   }
   template <typename T>
   static auto lowest(const T& v) {
-    return fold(v, [](const T& a, const T& b) { return a < b ? a : b; });
+    return fold(v, [](const auto& a, const auto& b) { return a < b ? a : b; });
   }
 };
 
@@ -291,17 +372,18 @@ struct LowestLabel {
 template <typename scalar_t>
 struct RunningLowest {
   using V = Lanes<scalar_t>;
-  typename V::Values low = typename V::Values{} + std::numeric_limits<scalar_t>::infinity();
+  typename V::Values low = V::splat(std::numeric_limits<scalar_t>::infinity());
   typename V::Mask at{};
 
   void add(int32_t l, const typename V::Values& x) {
-    const typename V::Mask below = x < low;
-    low = below ? x : low;
-    at = below ? V::labels(l) : at;
+    const typename V::Mask below = V::less(x, low);
+    low = V::blend(below, x, low);
+    at = V::blend(below, V::labels(l), at);
   }
   LowestLabel<scalar_t> result(int32_t n_labels) const {
     const scalar_t value = V::lowest(low);
-    return {value, static_cast<int32_t>(V::lowest(low == value ? at : typename V::Mask{} + n_labels))};
+    const typename V::Mask at_value = V::equal(low, V::splat(value));
+    return {value, static_cast<int32_t>(V::lowest(V::blend(at_value, at, typename V::Mask{} + n_labels)))};
   }
 };
 
@@ -345,10 +427,12 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, LowestLabel<scalar_t
   for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     const Values h_l = V::values(h + l, count);
     const Mask labels = V::labels(l);
-    const Mask stay = (h_l < jump) | ((h_l == jump) & (labels < best));
-    const Values u = stay ? h_l : Values{} + jump;
+    const Values jumps = V::splat(jump);
+    const Mask stay = V::less(h_l, jumps) | (V::equal(h_l, jumps) & V::less(labels, Mask{} + best));
+    const Values u = V::blend(stay, h_l, jumps);
     V::store(m + l, receiver == nullptr ? u - low : u + V::values(receiver + l, count), count);
-    group |= static_cast<uint64_t>(V::bits((stay | (labels == best)) & (labels < n))) << (l % 64);
+    group |= static_cast<uint64_t>(V::bits((stay | V::equal(labels, Mask{} + best)) & V::less(labels, Mask{} + n)))
+             << (l % 64);
     if ((l + count) % 64 == 0 || l + count == n) {
       const int64_t first = l / 64 * 8, length = std::min<int64_t>(8, bit_bytes - first);
       if (length == 8) {
@@ -433,9 +517,9 @@ struct BandedConvolve {
       Values best = V::values(below.data() + l, count, inf);
       Mask label = V::template indices<int32_t>(below_label.data() + l, count);
       auto take = [&](const Values& cost, const Mask& from) {
-        const Mask lower = cost < best;
-        best = lower ? cost : best;
-        label = lower ? from : label;
+        const Mask lower = V::less(cost, best);
+        best = V::blend(lower, cost, best);
+        label = V::blend(lower, from, label);
       };
       for (int64_t d = -reach; d <= reach; ++d) {
         const scalar_t step_cost = w * v_r[d < 0 ? -d : d];
@@ -530,16 +614,19 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
         scalar_t* __restrict__ h_j = h.data();
         // h's lowest label, taken as h is computed (only Potts uses it; a branch here cost the Potts forward 5%)
         RunningLowest<scalar_t> lowest;
+        const Values infinities = V::splat(inf);
+        const typename V::Mask label_count = typename V::Mask{} + n;
         auto emit = [&](int32_t l, int32_t count, const Values& h_l) {
           V::store(h_j + l, h_l, count);
-          lowest.add(l, V::labels(l) < n ? h_l : Values{} + inf);
+          lowest.add(l, V::blend(V::less(V::labels(l), label_count), h_l, infinities));
         };
         const scalar_t* total_j = method == kSGM ? nullptr : total + joff;
         const scalar_t* opp_j = method == kSGM ? nullptr : m_opp + joff;
         if (method == kTRWP) {  // Eq. 3.10: rho (theta_j + sum_d m^d_j) - m^{r-}_j, latest messages
+          const Values rho_lanes = V::splat(rho);
           for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values opp = opposite_unwritten ? Values{} : V::values(opp_j + l, count);
-            emit(l, count, rho * V::values(total_j + l, count) - opp);
+            emit(l, count, rho_lanes * V::values(total_j + l, count) - opp);
           });
         } else if (method == kISGMR) {  // Eq. 3.9: theta_j + m^{r,k+1}_j + sum_{d != r, r-} m^{d,k}_j
           const scalar_t* old_j = old_r + joff;
@@ -628,14 +715,15 @@ struct PottsScatter {
   APP_FLATTEN void chunk(int64_t l, int32_t count, const Values& gm) {
     const Mask labels = V::labels(l);
     const Mask stays = V::from_bits(reinterpret_cast<const uint8_t*>(p), l);  // m0's bit is set
-    const Mask jumps = count == V::kCount ? ~stays : ~stays & (labels < n);
+    const Mask jumps = count == V::kCount ? ~stays : ~stays & V::less(labels, Mask{} + n);
     const Values kept = V::select(stays, gm), jumped = V::select(jumps, gm);
     V::store(gs + l, kept, count);
     to_m0 += jumped;
     jumped_lanes |= jumps;
     if constexpr (kPairwiseGradient) {
-      V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
-      V::store(row_scratch + l, w * jumped, count);
+      const Values w_lanes = V::splat(w);
+      V::store(gv_diag + l, V::values(gv_diag + l, count) + w_lanes * kept, count);
+      V::store(row_scratch + l, w_lanes * jumped, count);
     }
   }
 
@@ -677,16 +765,17 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   using Values = typename V::Values;
   using Mask = typename V::Mask;
   const int32_t n = static_cast<int32_t>(n_labels), q_label = static_cast<int32_t>(q);
+  const Values w_lanes = V::splat(w);
   const bool weight_needed = gw != nullptr, pairwise_needed = gv_r != nullptr;
   // gu on the labels [l, l + count): gm with g_sum taken off at q
   auto gu = [&](int64_t l, int32_t count) {
-    return V::values(g + l, count) - V::select(V::labels(l) == q_label, Values{} + g_sum);
+    return V::values(g + l, count) - V::select(V::equal(V::labels(l), Mask{} + q_label), V::splat(g_sum));
   };
   Mask first = Mask{} + n;  // the first label that leaves its sender label, n if none
   for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     const Mask labels = V::labels(l);
-    const Mask leaves = (V::template indices<index_t>(p + l, count) != labels) & (labels < n);
-    first = leaves ? (labels < first ? labels : first) : first;
+    const Mask leaves = ~V::equal(V::template indices<index_t>(p + l, count), labels) & V::less(labels, Mask{} + n);
+    first = V::blend(leaves & V::less(labels, first), labels, first);
   });
   const int32_t first_jump = static_cast<int32_t>(V::lowest(first));
   Values weight_grad{};
@@ -695,7 +784,7 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
       const Values kept = gu(l, count);
       V::store(gs + l, kept, count);
       if (weight_needed) weight_grad += kept * V::values(v_diag + l, count);
-      if (pairwise_needed) V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
+      if (pairwise_needed) V::store(gv_diag + l, V::values(gv_diag + l, count) + w_lanes * kept, count);
     });
     if (weight_needed) *gw += V::total(weight_grad);
     return;
@@ -708,16 +797,16 @@ APP_FLATTEN void message_backward(int64_t n_labels, scalar_t* __restrict__ g, sc
   for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
     const Values g_l = gu(l, count);
     const Mask labels = V::labels(l), m = V::template indices<index_t>(p + l, count);
-    const Mask stays = m == labels, jumps = (m == m0) & ~stays;
+    const Mask stays = V::equal(m, labels), jumps = V::equal(m, Mask{} + m0) & ~stays;
     const Values kept = V::select(stays, g_l), moved = V::select(jumps, g_l);
     V::store(gs + l, kept, count);
     to_m0 += moved;
     if (weight_needed) weight_grad += kept * V::values(v_diag + l, count) + moved * V::values(v_row + l, count);
     if (pairwise_needed) {
-      V::store(gv_diag + l, V::values(gv_diag + l, count) + w * kept, count);
-      V::store(gv_row + l, V::values(gv_row + l, count) + w * moved, count);
+      V::store(gv_diag + l, V::values(gv_diag + l, count) + w_lanes * kept, count);
+      V::store(gv_row + l, V::values(gv_row + l, count) + w_lanes * moved, count);
     }
-    others -= ~(stays | jumps) & (labels < n);
+    others -= ~(stays | jumps) & V::less(labels, Mask{} + n);
   });
   gs[m0] += V::total(to_m0);
   scalar_t weight_total = V::total(weight_grad);
@@ -789,6 +878,7 @@ struct BackwardRuns {
     scalar_t* const diag = gv == nullptr ? nullptr : gv_diag.values.data();
     const int64_t L = c.n_labels, image = s.b * c.pixels, pred_delta = s.sy * s.width + s.sx;
     const int32_t n = static_cast<int32_t>(L);
+    const Values rho = V::splat(c.rho);
     // the carry halves of the run's first pixel; along a run they swap (alternating phase) or move by slot_step
     scalar_t* carried_row = carry_data + (s.phase_of(0) * kSlots + s.slot0) * L;
     scalar_t* leaving_row = carry_data + ((s.phase_of(0) ^ 1) * kSlots + s.slot0) * L;
@@ -835,7 +925,7 @@ struct BackwardRuns {
           const bool unwritten = c.unwritten_extra;
           for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
             const Values from_successor = carried_chunk(l, count);
-            const Values c_l = V::values(common + l, count) + c.rho * from_successor;
+            const Values c_l = V::values(common + l, count) + rho * from_successor;
             const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
             V::store(common + l, c_l, count);
             V::store(e_r + l, -c_l, count);
