@@ -193,24 +193,30 @@ from app.ops import message_passing
 from app.ops.reference import Pairwise
 unary, matrix, weights, grad = torch.load(sys.argv[1])
 results = []
-for method in ("isgmr", "trwp", "sgm"):
-    for pairwise in (matrix, Pairwise("potts", torch.tensor(0.8)), Pairwise("truncated_linear", torch.tensor(0.8), 3.0)):
-        u = unary.clone().requires_grad_()
-        w = weights.clone().requires_grad_()
-        costs = message_passing(u, pairwise, w, method, 8, 2)
-        results += [costs.detach(), *torch.autograd.grad(costs, (u, w), grad)]
+for dtype in (torch.float32, torch.float64):
+    for method in ("isgmr", "trwp", "sgm"):
+        for pairwise in (
+            matrix.to(dtype),
+            Pairwise("potts", torch.tensor(0.8, dtype=dtype)),
+            Pairwise("truncated_linear", torch.tensor(0.8, dtype=dtype), 3.0),
+        ):
+            u = unary.to(dtype).requires_grad_()
+            w = weights.to(dtype).requires_grad_()
+            costs = message_passing(u, pairwise, w, method, 8, 2)
+            results += [costs.detach(), *torch.autograd.grad(costs, (u, w), grad.to(dtype))]
 torch.save(results, sys.argv[2])
 """
 
 
 def test_baseline_avx2_and_unpooled_runs_agree_bitwise(tmp_path):
     """The CPU sweeps are compiled for baseline x86-64 and for AVX2 (picked at run time); APP_DISABLE_AVX2=1
-    keeps the baseline copy. Both round alike, so float32 costs and gradients are bitwise equal (19 labels:
-    full and partial label vectors, uint8 indices, general, Potts and truncated-linear pairwise). So are they
-    without the buffer pool (APP_BUFFER_POOL_MIB=0: every buffer fresh)."""
+    keeps the baseline copy. Both round alike, so float32 and float64 costs and gradients are bitwise equal (19
+    labels: full and partial label vectors, uint8 indices, general, Potts and truncated-linear pairwise; unary
+    costs of both signs, as negated logits are). So are they without the buffer pool (APP_BUFFER_POOL_MIB=0:
+    every buffer fresh)."""
     gen = torch.Generator().manual_seed(31)
     inputs = [
-        torch.rand(1, 19, 9, 11, generator=gen) * 4,
+        torch.randn(1, 19, 9, 11, generator=gen) * 3,
         torch.rand(19, 19, generator=gen) * 2,
         torch.rand(1, 4, 9, 11, generator=gen) + 0.1,
         torch.randn(1, 19, 9, 11, generator=gen),
@@ -230,7 +236,7 @@ def test_baseline_avx2_and_unpooled_runs_agree_bitwise(tmp_path):
             check=True,
         )
         outputs[name] = torch.load(tmp_path / name)
-    assert len(outputs["default"]) == 27
+    assert len(outputs["default"]) == 54
     for name in ("baseline", "unpooled"):
         for got, expected in zip(outputs[name], outputs["default"], strict=True):
             assert torch.equal(got, expected), name
