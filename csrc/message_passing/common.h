@@ -307,6 +307,7 @@ struct BackwardState {
   scalar_t* grad_v;        // (accumulators, 2, L, L): V and V^T accumulators; nullptr: not needed
   const scalar_t* pair_grad[kMaxPairs];  // ISGMR: G[k] (N, L), the gradient of m^{2k} and m^{2k+1}
   bool first_replay;  // TRWP: the last iteration's replay, before which E is unwritten (zero)
+  bool last_replay;   // TRWP: the first iteration's replay, after which E is not read
 };
 
 // CPU buffers outlive the calls that took them: the kernels take a few hundred MiB per call, and the pages of a fresh
@@ -604,6 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
     state.extra = extra.mutable_data_ptr<scalar_t>();
     for (int64_t it = n_iterations - 1; it >= 0; --it) {
       state.first_replay = it == n_iterations - 1;
+      state.last_replay = it == 0;
       for (int64_t r = D - 1; r >= 0; r -= 2) run(it, r, state);
     }
     grad_unary = common;

@@ -842,6 +842,8 @@ struct SweepConstants {
   scalar_t* pending;          // ISGMR: P[r / 2]
   bool first_of_pair;         // ISGMR: the pair's first sweep (writes P)
   bool unwritten_extra;       // TRWP: the first replay's first sweep, before which E[r] and E[r ^ 1] are zero
+  bool unread_extra;          // TRWP: the last replay, after whose sweep of r E[r] is not read
+  bool unread_extra_opposite; // TRWP: the last replay's second sweep of a pair, after which E[r ^ 1] is not read
 };
 
 // The backward visitor of one direction (see backward_sweeps_of): run() replays a run's messages in order.
@@ -923,15 +925,28 @@ struct BackwardRuns {
           // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed); + 0 as the
           // zeroed buffer's was added, so that -0 becomes +0 alike and the results stay bitwise the same
           const bool unwritten = c.unwritten_extra;
-          for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
-            const Values from_successor = carried_chunk(l, count);
-            const Values c_l = V::values(common + l, count) + rho * from_successor;
-            const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
-            V::store(common + l, c_l, count);
-            V::store(e_r + l, -c_l, count);
-            V::store(e_opp + l, (unwritten ? Values{} : V::values(e_opp + l, count)) - from_successor, count);
-            per_chunk(l, count, g_l);
-          });
+          // the last replay's stores that nothing reads (the first sweep of a pair writes E[r], the second rewrites
+          // it and E[r ^ 1]) are left out: compile-time choices, a test per chunk cost more than the stores
+          auto pass = [&](auto store_own, auto store_opposite) {
+            for_label_chunks<scalar_t>(n, [&](int64_t l, int32_t count) {
+              const Values from_successor = carried_chunk(l, count);
+              const Values c_l = V::values(common + l, count) + rho * from_successor;
+              const Values g_l = unwritten ? c_l + Values{} : c_l + V::values(e_r + l, count);
+              V::store(common + l, c_l, count);
+              if constexpr (decltype(store_own)::value) V::store(e_r + l, -c_l, count);
+              if constexpr (decltype(store_opposite)::value) {
+                V::store(e_opp + l, (unwritten ? Values{} : V::values(e_opp + l, count)) - from_successor, count);
+              }
+              per_chunk(l, count, g_l);
+            });
+          };
+          if (!c.unread_extra) {
+            pass(std::true_type{}, std::true_type{});
+          } else if (!c.unread_extra_opposite) {
+            pass(std::false_type{}, std::true_type{});
+          } else {
+            pass(std::false_type{}, std::false_type{});
+          }
         } else if constexpr (kMethod == kISGMR) {
           // h_i = base_i + m^r_i, base_i = theta_i + sum_{d != r, r-} m^{d,k}_i
           const scalar_t* __restrict__ g_pair = c.pair_grad + off;
@@ -1030,7 +1045,9 @@ void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardSta
                                               isgmr ? state.pair_grad[r / 2] : nullptr,
                                               isgmr ? state.pending + (r / 2) * N * L : nullptr,
                                               isgmr && r == r_first,
-                                              trwp && state.first_replay && r == r_first};
+                                              trwp && state.first_replay && r == r_first,
+                                              trwp && state.last_replay,
+                                              trwp && state.last_replay && r != r_first};
     return BackwardRuns<kMethod, kPotts, scalar_t, index_t>(k, gv_r, grid.v_r(r), v_diag.data());
   });
 }
