@@ -46,8 +46,13 @@ struct PixelVisits {
   Visit visit;
   void run(const ScanRun& s) {
     for (int64_t t = 0; t < s.count; ++t) {
-      visit(s.b, s.pixel(t), s.predecessor(t), s.has_successor(t), s.slot(t), s.phase_of(t));
+      pixel(s.b, s.pixel(t), s.predecessor(t), s.has_successor(t), s.slot(t), s.phase_of(t));
     }
+  }
+  // A call per pixel: inlined into run's loop, GCC's code for the forward's visitor took more instructions.
+  __attribute__((noinline)) void pixel(int64_t b, int64_t in_image, int64_t predecessor, bool has_successor,
+                                       int64_t slot, int64_t phase) {
+    visit(b, in_image, predecessor, has_successor, slot, phase);
   }
 };
 template <typename Visit>
@@ -291,7 +296,8 @@ struct Lanes {
   }
   template <typename T>
   static T blend(const Mask& m, const T& a, const T& b) {
-    const auto k = halves(m), x = halves(a), y = halves(b);
+    const auto k = halves(m);  // (one declaration each: the halves of a Mask and of Values differ in type)
+    const auto x = halves(a), y = halves(b);
     return joined<T>(k.low ? x.low : y.low, k.high ? x.high : y.high);
   }
   template <typename T>
@@ -401,10 +407,11 @@ APP_FLATTEN inline LowestLabel<scalar_t> lowest_label(const scalar_t* a, int64_t
 // Eq. 3.5: u -= min u, returns the first argmin q (Alg. 1-2 line 10-11).
 template <typename scalar_t>
 APP_FLATTEN inline int32_t normalise_labels(scalar_t* u, int64_t n_labels) {
-  const auto [low, q] = lowest_label(u, n_labels);
+  const LowestLabel<scalar_t> lowest = lowest_label(u, n_labels);
+  const scalar_t low = lowest.value;  // (no structured binding: clang before 16 cannot capture one)
 #pragma omp simd
   for (int64_t l = 0; l < n_labels; ++l) u[l] -= low;
-  return q;
+  return lowest.label;
 }
 
 // Potts message in one pass over the labels: u(lambda) = min(h(lambda), min h + c) with c = w V(0, 1) >= 0, written to
@@ -419,7 +426,8 @@ APP_FLATTEN inline int32_t potts_message(const scalar_t* h, LowestLabel<scalar_t
   using Values = typename V::Values;
   using Mask = typename V::Mask;
   const int32_t n = static_cast<int32_t>(n_labels);
-  const auto [low, best] = h_lowest;
+  const scalar_t low = h_lowest.value;
+  const int32_t best = h_lowest.label;
   const scalar_t jump = low + jump_cost;
   const int64_t words = potts_index_words<index_t>(n_labels), bit_bytes = words * sizeof(index_t);
   uint8_t* stay_bits = reinterpret_cast<uint8_t*>(p);
@@ -585,15 +593,14 @@ void forward_sweeps(const Grid<scalar_t>& grid, Method method, int64_t r_first, 
     const bool own_unwritten = first_iteration && method == kTRWP;
     const bool opposite_unwritten = first_iteration && (method == kISGMR || r == r_first);
     // Scalars and pointers by value: the visitor runs once per pixel and a reference capture costs a second load per
-    // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place. A call per
-    // pixel (noinline): inlined into PixelVisits' loop GCC's code took more instructions.
+    // use. u: TRWP's new message (its old one is still needed); ISGMR and SGM write theirs in place.
     return PixelVisits{[&grid, method, L, P, n, rho, inf, unary, total, out, weights = grid.weights,
             weight_slot = grid.weight_slots(r), index_row, own_unwritten, opposite_unwritten, r, m_r, m_opp, old_r,
             idx, h = std::vector<scalar_t>(L),
             u = std::vector<scalar_t>(method == kTRWP ? L : 0), scratch = ConvolveScratch(L),
             banded = BandedConvolve<scalar_t>(L, reach)](
                int64_t b, int64_t pixel, int64_t predecessor, bool, int64_t,
-               int64_t) mutable __attribute__((noinline)) {
+               int64_t) mutable {
       const int64_t i = b * P + pixel, off = i * L;
       scalar_t* m_i = m_r + off;
       index_t* __restrict__ p_i = idx.p + i * index_row;
