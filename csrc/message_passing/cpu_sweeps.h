@@ -716,6 +716,7 @@ struct PottsScatter {
   scalar_t* __restrict__ row_scratch;  // (L): w gm of the jumps, for V's row m0
   scalar_t w;
   int32_t n;
+  Values w_lanes = V::splat(w);  // w in every lane
   Values to_m0{};
   Mask jumped_lanes{};
 
@@ -728,7 +729,6 @@ struct PottsScatter {
     to_m0 += jumped;
     jumped_lanes |= jumps;
     if constexpr (kPairwiseGradient) {
-      const Values w_lanes = V::splat(w);
       V::store(gv_diag + l, V::values(gv_diag + l, count) + w_lanes * kept, count);
       V::store(row_scratch + l, w_lanes * jumped, count);
     }
@@ -847,10 +847,9 @@ struct SweepConstants {
   scalar_t* extra_opposite;   // TRWP: E[r ^ 1]
   const scalar_t* pair_grad;  // ISGMR: G[r / 2]
   scalar_t* pending;          // ISGMR: P[r / 2]
-  bool first_of_pair;         // ISGMR: the pair's first sweep (writes P)
-  bool unwritten_extra;       // TRWP: the first replay's first sweep, before which E[r] and E[r ^ 1] are zero
-  bool unread_extra;          // TRWP: the last replay, after whose sweep of r E[r] is not read
-  bool unread_extra_opposite; // TRWP: the last replay's second sweep of a pair, after which E[r ^ 1] is not read
+  bool first_of_pair;         // the pair's first sweep (r = r_first; ISGMR: writes P)
+  bool first_replay;          // TRWP: the first replay, before whose first sweep of a pair E[r], E[r ^ 1] are zero
+  bool last_replay;           // TRWP: the last replay, after which E is not read
 };
 
 // The backward visitor of one direction (see backward_sweeps_of): run() replays a run's messages in order.
@@ -931,7 +930,7 @@ struct BackwardRuns {
           scalar_t* __restrict__ e_opp = c.extra_opposite + off;
           // E[r] and E[r ^ 1] before the first replay's first sweep: zero (the buffer is not zeroed); + 0 as the
           // zeroed buffer's was added, so that -0 becomes +0 alike and the results stay bitwise the same
-          const bool unwritten = c.unwritten_extra;
+          const bool unwritten = c.first_replay && c.first_of_pair;
           // the last replay's stores that nothing reads (the first sweep of a pair writes E[r], the second rewrites
           // it and E[r ^ 1]) are left out: compile-time choices, a test per chunk cost more than the stores
           auto pass = [&](auto store_own, auto store_opposite) {
@@ -947,9 +946,9 @@ struct BackwardRuns {
               per_chunk(l, count, g_l);
             });
           };
-          if (!c.unread_extra) {
+          if (!c.last_replay) {
             pass(std::true_type{}, std::true_type{});
-          } else if (!c.unread_extra_opposite) {
+          } else if (c.first_of_pair) {
             pass(std::false_type{}, std::true_type{});
           } else {
             pass(std::false_type{}, std::false_type{});
@@ -1051,10 +1050,9 @@ void backward_sweeps_of(const Grid<scalar_t>& grid, int64_t r_first, BackwardSta
                                               trwp ? state.extra + (r ^ 1) * N * L : nullptr,
                                               isgmr ? state.pair_grad[r / 2] : nullptr,
                                               isgmr ? state.pending + (r / 2) * N * L : nullptr,
-                                              isgmr && r == r_first,
-                                              trwp && state.first_replay && r == r_first,
-                                              trwp && state.last_replay,
-                                              trwp && state.last_replay && r != r_first};
+                                              r == r_first,
+                                              trwp && state.first_replay,
+                                              trwp && state.last_replay};
     return BackwardRuns<kMethod, kPotts, scalar_t, index_t>(k, gv_r, grid.v_r(r), v_diag.data());
   });
 }
