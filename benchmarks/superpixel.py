@@ -16,14 +16,15 @@ chosen on the training split for each backbone (docs/superpixel_experiments.md),
 split.
 
     python benchmarks/superpixel.py [--backbone deeplabv3plus|unet] [--epochs 6] [--fcn-steps 1000]
-        [--cell-size 4] [--finetune-epochs 2] [--noise-std 0.1] [--seed 0] [--examples N]
+        [--cell-size 4] [--finetune-epochs 2] [--noise-std 0.1] [--num-classes 4] [--seed 0] [--examples N]
     python benchmarks/superpixel.py --summarize-seeds 0 1 2 3 4 [the same options]  # saved runs, mean ± std
 
 Prints markdown tables and writes benchmarks/results/superpixel_<backbone>.json (``_<size>px`` appended
-when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ft<n>`` when
-``--finetune-epochs`` is not, ``_noise<std>`` when ``--noise-std`` is not, ``_seed<n>`` when ``--seed`` is
-not 0); with ``--examples N`` also ``<that name>_examples.png``, the N validation images where + SP (SLIC)
-loses the most edge F-measure at 5 px. Edge precision and recall at 1-5 px are printed and saved as well,
+when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` is not, ``_ep<n>`` when
+``--epochs`` is not, ``_ft<n>`` when ``--finetune-epochs`` is not, ``_noise<std>`` when ``--noise-std`` is not,
+``_<n>classes`` when ``--num-classes`` is not, ``_seed<n>`` when ``--seed`` is not 0); with ``--examples N``
+also ``<that name>_examples.png``, the N validation images where + SP (SLIC) loses the most edge F-measure at
+5 px. Edge precision and recall at 1-5 px are printed and saved as well,
 with the ground-truth edges that + SP no longer recalls at 5 px. The logit-consistency speed table (512x512,
 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
@@ -53,7 +54,6 @@ from app.models.superpixel_fcn import hard_superpixels, superpixel_loss
 from app.ops import segment_mean
 
 TOLERANCES = (1, 2, 3, 4, 5)
-NUM_CLASSES = 4  # background + disc, square, triangle
 # The rows of the Table 4.4 layout, in order.
 BACKBONE_ALONE = "backbone alone"
 SP_SLIC = "+ SP (SLIC)"
@@ -63,9 +63,11 @@ SP_TI = "+ SP + TI (joint fine-tuning)"
 # Runs at other image sizes, cell sizes, fine-tuning budgets or seeds are saved under their own name.
 SOURCES = ("SLIC", "superpixel FCN")  # superpixels of the + SP rows
 DEFAULT_IMAGE_SIZE = 96
+DEFAULT_EPOCHS = 6
 DEFAULT_CELL_SIZE = 4
 DEFAULT_FINETUNE_EPOCHS = 2
 DEFAULT_NOISE_STD = 0.1  # SyntheticShapes' default
+DEFAULT_NUM_CLASSES = 4  # background + disc, square, triangle; 9 adds ring, star, cross, ellipse, hexagon
 # Registry name and keyword arguments of each backbone. DeepLabV3+ is the thesis' family (Table 4.4: encoder
 # output stride 16, decoder at 1/4 resolution, logits upsampled bilinearly); the U-Net is the quickstart's,
 # whose full-resolution decoder already delineates boundaries sharply.
@@ -78,18 +80,18 @@ BACKBONE_SPECS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_backbone(name: str) -> torch.nn.Module:
-    """The benchmark's backbone ``name`` (a key of ``BACKBONE_SPECS``), random weights, ``NUM_CLASSES`` outputs."""
+def build_backbone(name: str, num_classes: int) -> torch.nn.Module:
+    """The benchmark's backbone ``name`` (a key of ``BACKBONE_SPECS``), random weights, ``num_classes`` outputs."""
     if name not in BACKBONE_SPECS:
         raise ValueError(f"backbone must be one of {sorted(BACKBONE_SPECS)}, got {name!r}")
     registry_name, kwargs = BACKBONE_SPECS[name]
-    return create_backbone(registry_name, NUM_CLASSES, **copy.deepcopy(kwargs))
+    return create_backbone(registry_name, num_classes, **copy.deepcopy(kwargs))
 
 
 def shapes(args: argparse.Namespace, superpixels: int | None) -> SyntheticShapes:
     """The benchmark's data; SLIC ``superpixels`` segments (compactness ``args.slic_compactness``) or none."""
     return SyntheticShapes(
-        num_classes=NUM_CLASSES,
+        num_classes=args.num_classes,
         image_size=args.image_size,
         noise_std=args.noise_std,
         n_train=args.n_train,
@@ -115,8 +117,10 @@ def trainer(epochs: int) -> L.Trainer:
     )
 
 
-def task(backbone: torch.nn.Module, head: StructuredHead | None = None, **kwargs) -> SegmentationTask:
-    return SegmentationTask(backbone, head, num_classes=NUM_CLASSES, log_images=0, **kwargs)
+def task(
+    backbone: torch.nn.Module, num_classes: int, head: StructuredHead | None = None, **kwargs
+) -> SegmentationTask:
+    return SegmentationTask(backbone, head, num_classes=num_classes, log_images=0, **kwargs)
 
 
 def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]:
@@ -134,8 +138,8 @@ def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -
     """Best achievable +SP on the validation split: the one-hot ground truth averaged over the superpixels
     (SLIC from the batch, or the FCN's hard map) in place of the logits; mIoU and FM at 1-5 px, x100."""
     data.setup("validate")
-    iou = MulticlassJaccardIndex(NUM_CLASSES, average="macro")
-    edges = EdgeMetrics(NUM_CLASSES, TOLERANCES)
+    iou = MulticlassJaccardIndex(data.num_classes, average="macro")
+    edges = EdgeMetrics(data.num_classes, TOLERANCES)
     straddling, superpixels, images = 0, 0, 0
     for batch in data.val_dataloader():
         if fcn is None:
@@ -143,7 +147,7 @@ def superpixel_oracle(data: SyntheticShapes, fcn: SuperpixelFCN | None = None) -
         else:
             with torch.no_grad():
                 segments = hard_superpixels(fcn.eval()(batch["image"]), fcn.cell_size)
-        one_hot = torch.nn.functional.one_hot(batch["mask"], NUM_CLASSES).permute(0, 3, 1, 2).float()
+        one_hot = torch.nn.functional.one_hot(batch["mask"], data.num_classes).permute(0, 3, 1, 2).float()
         mean_one_hot = segment_mean(one_hot, segments)
         oracle = mean_one_hot.argmax(1)
         iou.update(oracle, batch["mask"])
@@ -188,7 +192,7 @@ def recall_lost_to_superpixels(
     lowers FM@d the most to ``examples_path`` (:func:`save_edge_examples`).
     """
     tolerance = max(TOLERANCES)
-    model = task(backbone).eval()
+    model = task(backbone, data.num_classes).eval()
     fcn = fcn.eval()
     data.setup("validate")
     counts = {source: {"lost": 0, "gained": 0, "lost near shrunk regions": 0} for source in SOURCES}
@@ -218,7 +222,9 @@ def recall_lost_to_superpixels(
                 if examples and source == "SLIC":
                     for sample in zip(batch["image_raw"], segments[source], mask, prediction, refined, lost):
                         _, _, target, before, after, _ = sample
-                        change = _f_measure(after, target, tolerance) - _f_measure(before, target, tolerance)
+                        change = _f_measure(after, target, tolerance, data.num_classes) - _f_measure(
+                            before, target, tolerance, data.num_classes
+                        )
                         panels.append((change, sample))
     if examples:
         panels.sort(key=lambda panel: panel[0])
@@ -234,14 +240,27 @@ def recall_lost_table(recall_lost: dict[str, dict[str, object]]) -> str:
     return f"{title}\n{markdown_table(['superpixels', *recall_lost[SOURCES[0]]], table)}"
 
 
-def _f_measure(prediction: torch.Tensor, target: torch.Tensor, tolerance: int) -> float:
+def _f_measure(prediction: torch.Tensor, target: torch.Tensor, tolerance: int, num_classes: int) -> float:
     """Edge F-measure of one (H, W) label map at ``tolerance`` px."""
-    metric = EdgeMetrics(NUM_CLASSES, (tolerance,))
+    metric = EdgeMetrics(num_classes, (tolerance,))
     metric.update(prediction[None], target[None])
     return float(metric.compute()[f"edge_f1@{tolerance}px"])
 
 
-CLASS_COLOURS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 60], [60, 90, 230]], dtype=np.uint8)
+CLASS_COLOURS = np.array(  # background black, then one colour per shape kind (SHAPE_KINDS' order)
+    [
+        [0, 0, 0],
+        [230, 60, 60],
+        [60, 200, 60],
+        [60, 90, 230],
+        [220, 200, 50],
+        [200, 70, 210],
+        [60, 210, 210],
+        [240, 140, 40],
+        [150, 150, 150],
+    ],
+    dtype=np.uint8,
+)
 
 
 def save_edge_examples(panels: list[tuple[torch.Tensor, ...]], path: Path) -> None:
@@ -272,7 +291,7 @@ def pretrain_fcn(fcn: SuperpixelFCN, data: SyntheticShapes, steps: int, compactn
     step, loss = 0, torch.tensor(0.0)
     while step < steps:
         for batch in data.train_dataloader():
-            one_hot = torch.nn.functional.one_hot(batch["mask"], NUM_CLASSES).permute(0, 3, 1, 2).float()
+            one_hot = torch.nn.functional.one_hot(batch["mask"], data.num_classes).permute(0, 3, 1, 2).float()
             property_term, position_term = superpixel_loss(
                 fcn(batch["image"]), one_hot, fcn.cell_size, compactness
             )
@@ -294,7 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backbone", choices=sorted(BACKBONE_SPECS), default="deeplabv3plus", help="segmentation network"
     )
-    parser.add_argument("--epochs", type=int, default=6, help="backbone training epochs")
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="backbone training epochs")
     parser.add_argument("--fcn-steps", type=int, default=1000, help="superpixel FCN pretraining steps")
     parser.add_argument(
         "--finetune-epochs", type=int, default=DEFAULT_FINETUNE_EPOCHS, help="joint fine-tuning epochs"
@@ -311,6 +330,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument(
         "--noise-std", type=float, default=DEFAULT_NOISE_STD, help="SyntheticShapes' image noise level"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=DEFAULT_NUM_CLASSES,
+        help="SyntheticShapes' classes with background (9: also rings, stars, crosses, ellipses, hexagons)",
     )
     parser.add_argument("--n-train", type=int, default=256)
     parser.add_argument("--n-val", type=int, default=64)
@@ -340,10 +365,12 @@ def result_name(args: argparse.Namespace, seed: int | None) -> str:
     """Name of the JSON of one run (``seed``) or of the seed summary (None) for these arguments."""
     size = "" if args.image_size == DEFAULT_IMAGE_SIZE else f"_{args.image_size}px"
     cell = "" if args.cell_size == DEFAULT_CELL_SIZE else f"_cell{args.cell_size}"
+    epochs = "" if args.epochs == DEFAULT_EPOCHS else f"_ep{args.epochs}"
     finetune = "" if args.finetune_epochs == DEFAULT_FINETUNE_EPOCHS else f"_ft{args.finetune_epochs}"
     noise = "" if args.noise_std == DEFAULT_NOISE_STD else f"_noise{args.noise_std:g}"
+    classes = "" if args.num_classes == DEFAULT_NUM_CLASSES else f"_{args.num_classes}classes"
     suffix = "_seeds" if seed is None else "" if seed == 0 else f"_seed{seed}"
-    return f"superpixel_{args.backbone}{size}{cell}{finetune}{noise}{suffix}"
+    return f"superpixel_{args.backbone}{size}{cell}{epochs}{finetune}{noise}{classes}{suffix}"
 
 
 def summarize_seeds(args: argparse.Namespace) -> None:
@@ -421,8 +448,9 @@ def main() -> None:
     data = shapes(args, superpixels=slic_segments)
     plain_data = shapes(args, superpixels=None)  # training needs no SLIC
 
-    backbone = build_backbone(args.backbone)
-    trainer(args.epochs).fit(task(backbone, lr=2e-3), datamodule=plain_data)
+    classes = args.num_classes
+    backbone = build_backbone(args.backbone, classes)
+    trainer(args.epochs).fit(task(backbone, classes, lr=2e-3), datamodule=plain_data)
     timings["backbone_s"] = time.perf_counter() - started
 
     fcn = SuperpixelFCN(cell_size=args.cell_size, widths=args.fcn_widths)
@@ -430,17 +458,19 @@ def main() -> None:
     timings["fcn_s"] = time.perf_counter() - started - timings["backbone_s"]
 
     rows = {
-        BACKBONE_ALONE: evaluate(task(backbone), data),
-        SP_SLIC: evaluate(task(backbone, LogitConsistency()), data),
-        SP_FCN: evaluate(task(backbone, LogitConsistency(copy.deepcopy(fcn), train_fcn=False)), data),
+        BACKBONE_ALONE: evaluate(task(backbone, classes), data),
+        SP_SLIC: evaluate(task(backbone, classes, LogitConsistency()), data),
+        SP_FCN: evaluate(
+            task(backbone, classes, LogitConsistency(copy.deepcopy(fcn), train_fcn=False)), data
+        ),
     }
 
     oracles = {"SLIC": superpixel_oracle(data), "superpixel FCN": superpixel_oracle(data, fcn)}
 
     lr = args.finetune_lr
-    fine_tuned = task(copy.deepcopy(backbone), lr=lr, scheduler="none")
+    fine_tuned = task(copy.deepcopy(backbone), classes, lr=lr, scheduler="none")
     trainer(args.finetune_epochs).fit(fine_tuned, datamodule=plain_data)
-    rows[CONTROL] = evaluate(task(fine_tuned.backbone), data)
+    rows[CONTROL] = evaluate(task(fine_tuned.backbone, classes), data)
 
     head = SuperpixelFusion(
         copy.deepcopy(fcn),
@@ -449,7 +479,7 @@ def main() -> None:
         compactness=args.compactness,
         hidden_features=(32, 32),
     )
-    joint = task(copy.deepcopy(backbone), head, lr=lr, head_lr=lr / 10, scheduler="none")
+    joint = task(copy.deepcopy(backbone), classes, head, lr=lr, head_lr=lr / 10, scheduler="none")
     at_init = evaluate(joint, data)
     trainer(args.finetune_epochs).fit(joint, datamodule=plain_data)
     rows[SP_TI] = evaluate(joint, data)
@@ -463,7 +493,7 @@ def main() -> None:
     edge_headers = ["manner", *(f"P@{t}" for t in TOLERANCES), *(f"R@{t}" for t in TOLERANCES)]
     edge_table = [[name, *(f"{row[key]:.2f}" for key in edge_headers[1:])] for name, row in rows.items()]
     title = (
-        f"SyntheticShapes {NUM_CLASSES} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
+        f"SyntheticShapes {classes} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
         f"backbone {args.backbone} {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
         f"fine-tuning {args.finetune_epochs} epochs at {lr:g} / TI {lr / 10:g}; SLIC n_segments "
         f"{slic_segments}, FCN cell {args.cell_size}px; {machine()}; {timings['total_s'] / 60:.1f} min"

@@ -261,22 +261,24 @@ def superpixel_benchmark(monkeypatch):
 
 def test_benchmark_defaults_to_the_thesis_deeplabv3plus(superpixel_benchmark):
     assert superpixel_benchmark.parse_args([]).backbone == "deeplabv3plus"
-    backbone = superpixel_benchmark.build_backbone("deeplabv3plus")
+    backbone = superpixel_benchmark.build_backbone("deeplabv3plus", 4)
     assert backbone.arch == "DeepLabV3Plus" and backbone.size_multiple == 16
     with pytest.raises(ValueError, match="backbone"):
-        superpixel_benchmark.build_backbone("deeplab")
+        superpixel_benchmark.build_backbone("deeplab", 4)
 
 
 @pytest.mark.parametrize("name", ["deeplabv3plus", "unet"])
 def test_benchmark_backbones_train_under_logit_consistency(superpixel_benchmark, name):
-    args = superpixel_benchmark.parse_args(["--backbone", name, "--image-size", "48", "--n-train", "2"])
-    data = SyntheticShapes(num_classes=4, image_size=48, n_train=2, n_val=1, batch_size=2, superpixels=36)
+    args = superpixel_benchmark.parse_args(
+        ["--backbone", name, "--image-size", "48", "--n-train", "2", "--num-classes", "9"]
+    )
+    data = SyntheticShapes(num_classes=9, image_size=48, n_train=2, n_val=1, batch_size=2, superpixels=36)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    backbone = superpixel_benchmark.build_backbone(args.backbone)
-    model = superpixel_benchmark.task(backbone, LogitConsistency(), lr=1e-3)
+    backbone = superpixel_benchmark.build_backbone(args.backbone, args.num_classes)
+    model = superpixel_benchmark.task(backbone, args.num_classes, LogitConsistency(), lr=1e-3)
     logits, backbone_logits = model.predict_logits(batch)
-    assert logits.shape == backbone_logits.shape == (2, 4, 48, 48)
+    assert logits.shape == backbone_logits.shape == (2, 9, 48, 48)
     torch.testing.assert_close(logits, segment_mean(backbone_logits, batch["superpixels"]))
     model.compute_loss(batch).backward()
     assert all(p.grad is not None for p in backbone.parameters())
@@ -293,6 +295,8 @@ def test_benchmark_names_runs_and_summarises_seeds(superpixel_benchmark, monkeyp
     assert name(parse(["--backbone", "unet", "--image-size", "192"]), 2) == "superpixel_unet_192px_seed2"
     assert name(parse(["--finetune-epochs", "6"]), 0) == "superpixel_deeplabv3plus_ft6"
     assert name(parse(["--noise-std", "0.02"]), 3) == "superpixel_deeplabv3plus_noise0.02_seed3"
+    assert name(parse(["--num-classes", "9", "--backbone", "unet"]), 1) == "superpixel_unet_9classes_seed1"
+    assert name(parse(["--epochs", "24", "--finetune-epochs", "6"]), 0) == "superpixel_deeplabv3plus_ep24_ft6"
     assert (
         name(parse(["--image-size", "192", "--cell-size", "8"]), None)
         == "superpixel_deeplabv3plus_192px_cell8_seeds"
@@ -347,7 +351,7 @@ def test_benchmark_counts_recall_lost_to_superpixels_and_draws_examples(superpix
     bench = superpixel_benchmark
     torch.manual_seed(0)
     data = SyntheticShapes(num_classes=4, image_size=48, n_train=2, n_val=3, batch_size=2, superpixels=144)
-    backbone = bench.build_backbone("unet")
+    backbone = bench.build_backbone("unet", 4)
     fcn = SuperpixelFCN(cell_size=4, widths=(4, 4, 4, 4))
     path = tmp_path / "examples.png"
     counts = bench.recall_lost_to_superpixels(backbone, data, fcn, examples=2, examples_path=path)
