@@ -285,11 +285,14 @@ def test_many_labels_use_wide_indices():
 
 
 @pytest.mark.parametrize(
-    ("n_labels", "dtype"), [(4, torch.float32), (33, torch.float32), (21, F64), (300, F64)]
+    ("n_labels", "dtype"),
+    [(2, torch.float32), (4, torch.float32), (33, torch.float32), (7, F64), (21, F64), (300, F64)],
 )
 def test_potts_stores_a_bit_per_label(n_labels, dtype):
     """Potts stores the bits [p(l) = l] and the label of the jumps (index_row entries per message, int16 above 256
-    labels): they read back as the dense path's argmins, and the backward from them equals the dense path's."""
+    labels): they read back as the dense path's argmins, and the backward from them equals the dense path's. The
+    CPU pads Potts labels to whole label vectors (8 floats, 4 doubles), the dense path not: the padding changes no
+    cost, argmin or gradient."""
     unary, _, weights = random_inputs(31, 2, n_labels, 3, 5, 8)
     unary, weights = unary.to(dtype), weights.to(dtype)
     form = Pairwise("potts", 0.7)

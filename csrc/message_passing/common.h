@@ -87,7 +87,8 @@ struct WeightSlots {
 };
 
 // The grid problem shared by every sweep: sizes, edge weights (B, K, H, W), V and V^T (L, L), and the entries of
-// one message's stored argmins (index_row).
+// one message's stored argmins (index_row). L = n_labels is the buffers' label stride (label_stride: the CPU pads
+// Potts labels, whose padding labels are never an argmin and carry no gradient).
 template <typename scalar_t>
 struct Grid {
   int64_t batch, height, width, n_labels, n_directions;
@@ -383,11 +384,11 @@ inline at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& o
 inline at::Tensor buffer_copy(const at::Tensor& x) { return empty_buffer(x.sizes(), x.options()).copy_(x); }
 
 #if defined(APP_TRANSPOSE_SSE) && defined(__x86_64__) && defined(__GNUC__)
-// out[(s + k) channels + c + j] = in[(c + j) spatial + s + k] for j, k < 8: one 8 x 8 float block through AVX.
-__attribute__((target("avx2"))) inline void transpose_block8(const float* in, float* out, int64_t channels,
-                                                             int64_t spatial, int64_t s, int64_t c) {
+// out[(s + k) out_row + c + j] = in[(c + j) in_row + s + k] for j, k < 8: one 8 x 8 float block through AVX.
+__attribute__((target("avx2"))) inline void transpose_block8(const float* in, float* out, int64_t out_row,
+                                                             int64_t in_row, int64_t s, int64_t c) {
   __m256 r[8];
-  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(in + (c + j) * spatial + s);
+  for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(in + (c + j) * in_row + s);
   const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
   const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
   const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
@@ -400,7 +401,7 @@ __attribute__((target("avx2"))) inline void transpose_block8(const float* in, fl
                           _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
                           _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
                           _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
-  for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + (s + k) * channels + c, rows[k]);
+  for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out + (s + k) * out_row + c, rows[k]);
 }
 
 // Whether the CPU has AVX2 and APP_DISABLE_AVX2 (read once; set and not "0") does not ask for the baseline code, so
@@ -416,25 +417,25 @@ inline bool cpu_has_avx2() {
 #define APP_TRANSPOSE_AVX2 1
 #endif
 
-// out (S, C) = in (C, S)^T on the tile [s0, s1) x [c0, c1): float through 8 x 8 AVX blocks where the CPU has AVX2
-// and both extents are multiples of 8 (the smaller extent outer, so that the rows of the strided side in flight
-// share no more cache ways than a set has), else 4 x 4 SSE blocks where a whole block fits; element by element
-// elsewhere.
+// out (S, C) = in (C, S)^T on the tile [s0, s1) x [c0, c1), rows in_row and out_row elements apart: float through
+// 8 x 8 AVX blocks where the CPU has AVX2 and both extents are multiples of 8 (the smaller stride outer, so that the
+// rows of the strided side in flight share no more cache ways than a set has), else 4 x 4 SSE blocks where a whole
+// block fits; element by element elsewhere.
 template <typename scalar_t>
-inline void transpose_tile(const scalar_t* in, scalar_t* out, int64_t channels, int64_t spatial, int64_t s0,
+inline void transpose_tile(const scalar_t* in, scalar_t* out, int64_t out_row, int64_t in_row, int64_t s0,
                            int64_t s1, int64_t c0, int64_t c1) {
   int64_t s_vector = s0, c_vector = c0;  // the blocks cover [s0, s_vector) x [c0, c_vector)
 #if defined(APP_TRANSPOSE_SSE)
   if constexpr (std::is_same_v<scalar_t, float>) {
 #if defined(APP_TRANSPOSE_AVX2)
     if (cpu_has_avx2() && (s1 - s0) % 8 == 0 && (c1 - c0) % 8 == 0) {
-      if (channels <= spatial) {
+      if (out_row <= in_row) {
         for (int64_t c = c0; c < c1; c += 8) {
-          for (int64_t s = s0; s < s1; s += 8) transpose_block8(in, out, channels, spatial, s, c);
+          for (int64_t s = s0; s < s1; s += 8) transpose_block8(in, out, out_row, in_row, s, c);
         }
       } else {
         for (int64_t s = s0; s < s1; s += 8) {
-          for (int64_t c = c0; c < c1; c += 8) transpose_block8(in, out, channels, spatial, s, c);
+          for (int64_t c = c0; c < c1; c += 8) transpose_block8(in, out, out_row, in_row, s, c);
         }
       }
       return;
@@ -444,32 +445,37 @@ inline void transpose_tile(const scalar_t* in, scalar_t* out, int64_t channels, 
     c_vector = c0 + (c1 - c0) / 4 * 4;
     for (int64_t s = s0; s < s_vector; s += 4) {
       for (int64_t c = c0; c < c_vector; c += 4) {
-        __m128 r0 = _mm_loadu_ps(in + c * spatial + s), r1 = _mm_loadu_ps(in + (c + 1) * spatial + s);
-        __m128 r2 = _mm_loadu_ps(in + (c + 2) * spatial + s), r3 = _mm_loadu_ps(in + (c + 3) * spatial + s);
+        __m128 r0 = _mm_loadu_ps(in + c * in_row + s), r1 = _mm_loadu_ps(in + (c + 1) * in_row + s);
+        __m128 r2 = _mm_loadu_ps(in + (c + 2) * in_row + s), r3 = _mm_loadu_ps(in + (c + 3) * in_row + s);
         _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(out + s * channels + c, r0);
-        _mm_storeu_ps(out + (s + 1) * channels + c, r1);
-        _mm_storeu_ps(out + (s + 2) * channels + c, r2);
-        _mm_storeu_ps(out + (s + 3) * channels + c, r3);
+        _mm_storeu_ps(out + s * out_row + c, r0);
+        _mm_storeu_ps(out + (s + 1) * out_row + c, r1);
+        _mm_storeu_ps(out + (s + 2) * out_row + c, r2);
+        _mm_storeu_ps(out + (s + 3) * out_row + c, r3);
       }
     }
   }
 #endif
   for (int64_t s = s0; s < s1; ++s) {  // what the blocks left: the columns past c_vector, then the rows past s_vector
-    for (int64_t c = s < s_vector ? c_vector : c0; c < c1; ++c) out[s * channels + c] = in[c * spatial + s];
+    for (int64_t c = s < s_vector ? c_vector : c0; c < c1; ++c) out[s * out_row + c] = in[c * in_row + s];
   }
 }
 
-// The (B, S, C) transpose of src (B, C, S), S = src.numel() / (B C), in a fresh empty_buffer of shape `sizes`.
-// On the CPU a tiled transpose (ATen's strided copy of a permuted view took 15-30 ms at 32 x 256 x 512,
-// a tenth of a sweep set; the scalar tiles 4-9 ms, the SSE blocks 3 ms); elsewhere the permuted copy.
+// The (B, S, C) transpose of src (B, C, S) in a fresh empty_buffer of shape `sizes`, where src's rows may be longer
+// than S (src_row >= S: only their first S entries are read) and dst's rows longer than C (dst_row >= C: the entries
+// [C, dst_row) of each are set to `pad`). On the CPU a tiled transpose (ATen's strided copy of a permuted view took
+// 15-30 ms at 32 x 256 x 512, a tenth of a sweep set; the scalar tiles 4-9 ms, the SSE blocks 3 ms); elsewhere the
+// permuted copy.
 template <typename scalar_t>
-at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channels, at::IntArrayRef sizes) {
+at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channels, int64_t spatial, int64_t src_row,
+                           int64_t dst_row, at::IntArrayRef sizes, scalar_t pad = 0) {
   const at::Tensor source = src.contiguous();
   at::Tensor dst = empty_buffer(sizes, src.options());
-  const int64_t spatial = src.numel() / (batch * channels);
+  if (dst_row > channels) dst.view({batch * spatial, dst_row}).narrow(1, channels, dst_row - channels).fill_(pad);
   if (!src.is_cpu()) {
-    dst.view({batch, spatial, channels}).copy_(source.view({batch, channels, spatial}).transpose(1, 2));
+    dst.view({batch, spatial, dst_row})
+        .narrow(2, 0, channels)
+        .copy_(source.view({batch, channels, src_row}).narrow(2, 0, spatial).transpose(1, 2));
     return dst;
   }
   const scalar_t* from = source.const_data_ptr<scalar_t>();
@@ -480,7 +486,7 @@ at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channel
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s_tiles * c_tiles), s_tile = task / c_tiles % s_tiles, c_tile = task % c_tiles;
       const int64_t s0 = s_tile * kTile, c0 = c_tile * kTile;
-      transpose_tile(from + b * channels * spatial, to + b * channels * spatial, channels, spatial, s0,
+      transpose_tile(from + b * channels * src_row, to + b * spatial * dst_row, dst_row, src_row, s0,
                      std::min(spatial, s0 + kTile), c0, std::min(channels, c0 + kTile));
     }
   });
@@ -492,18 +498,42 @@ at::ScalarType index_dtype() {
   return c10::CppTypeToScalarType<index_t>::value;
 }
 
-// The method's iterations around the device's sweeps (Alg. 1-2), labels-last buffers (N = B H W, L).
+// The label stride Ls >= L of the sweeps' labels-last buffers: Sweeps::label_stride (the CPU rounds Potts up to whole
+// label vectors, L = 21 -> 24). The Ls - L padding labels carry unary cost +inf, so that no message takes them and no
+// gradient reaches them: the L labels' costs, argmins (the Potts rows of index_row have the same length and bits) and
+// gradients are those of the unpadded problem.
+template <typename Sweeps, typename scalar_t>
+int64_t label_stride(int64_t n_labels, int64_t kind) {
+  const int64_t stride = Sweeps::template label_stride<scalar_t>(n_labels, kind);
+  TORCH_CHECK(stride == n_labels || kind == kPotts, "message_passing: only Potts labels are padded");
+  return stride;
+}
+
+// V (L, L) as the (Ls, Ls) matrix of the padded labels: Potts, V(a, b) = V(0, 1) for a != b, V(0, 0) on the diagonal.
+inline at::Tensor padded_pairwise(const at::Tensor& pairwise, int64_t stride) {
+  const int64_t L = pairwise.size(0);
+  if (stride == L) return pairwise.contiguous();
+  at::Tensor padded = at::empty({stride, stride}, pairwise.options());
+  padded.fill_(pairwise[0][1]);
+  padded.diagonal().fill_(pairwise[0][0]);
+  padded.narrow(0, 0, L).narrow(1, 0, L).copy_(pairwise);
+  return padded;
+}
+
+// The method's iterations around the device's sweeps (Alg. 1-2), labels-last buffers (N = B H W, Ls: label_stride).
 template <typename Sweeps, typename scalar_t, typename index_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& unary, const at::Tensor& pairwise,
                                                               const at::Tensor& edge_weights, Method method,
                                                               int64_t n_directions, int64_t n_iterations,
                                                               int64_t kind) {
-  const int64_t B = unary.size(0), L = unary.size(1), H = unary.size(2), W = unary.size(3);
-  const int64_t N = B * H * W, D = n_directions;
-  const at::Tensor theta = transposed_copy<scalar_t>(unary, B, L, {B, H, W, L});
-  const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
+  const int64_t B = unary.size(0), n_labels = unary.size(1), H = unary.size(2), W = unary.size(3);
+  const int64_t N = B * H * W, D = n_directions, L = label_stride<Sweeps, scalar_t>(n_labels, kind);
+  const at::Tensor theta = transposed_copy<scalar_t>(unary, B, n_labels, H * W, H * W, L, {B, H, W, L},
+                                                     std::numeric_limits<scalar_t>::infinity());
+  const at::Tensor v = padded_pairwise(pairwise, L), v_t = v.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
-  const int64_t R = index_row<index_t>(kind, L);
+  const int64_t R = index_row<index_t>(kind, n_labels);
+  TORCH_CHECK(index_row<index_t>(kind, L) == R, "message_passing: padded labels changed the index rows");
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                             v_t.const_data_ptr<scalar_t>(), kind, R};
   auto index_options = unary.options().dtype(index_dtype<index_t>());
@@ -548,7 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
       if (it == 0 && !Sweeps::kReadsUnwritten) {
         total_rows.copy_(theta.view({N, L}));  // no messages yet
       } else {
-        at::sum_out(total_rows, old_messages, at::IntArrayRef{0}).add_(theta.view({N, L}));
+        Sweeps::template add_messages<scalar_t>(old_messages, theta, total);
       }
       for (int64_t r = 0; r < D; r += 2) {
         Sweeps::template forward_pair<scalar_t, index_t>(grid, method, r, nullptr, total.mutable_data_ptr<scalar_t>(),
@@ -558,10 +588,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_kernel(const at::Tensor& 
       }
       std::swap(old_messages, messages);  // Alg. 1 line 12
     }
-    at::sum_out(total_rows, old_messages, at::IntArrayRef{0}).add_(theta.view({N, L}));  // Eq. 3.7
+    Sweeps::template add_messages<scalar_t>(old_messages, theta, total);  // Eq. 3.7
     costs = total;
   }
-  return {transposed_copy<scalar_t>(costs, B, H * W, {B, L, H, W}), p, q};
+  return {transposed_copy<scalar_t>(costs, B, H * W, n_labels, L, H * W, {B, n_labels, H, W}), p, q};
 }
 
 // Reverse-mode replay of forward_kernel from the stored indices (Alg. 3-4). kind is the forward's pairwise kind (the
@@ -575,12 +605,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
                                                                const at::Tensor& q, Method method,
                                                                int64_t n_directions, int64_t n_iterations,
                                                                int64_t kind, bool pairwise_grad, bool weights_grad) {
-  const int64_t B = grad_costs.size(0), L = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
-  const int64_t N = B * H * W, D = n_directions, K = D / 2;
-  const at::Tensor g = transposed_copy<scalar_t>(grad_costs, B, L, {B, H, W, L});
-  const at::Tensor v = pairwise.contiguous(), v_t = pairwise.t().contiguous();
+  const int64_t B = grad_costs.size(0), n_labels = grad_costs.size(1), H = grad_costs.size(2), W = grad_costs.size(3);
+  const int64_t N = B * H * W, D = n_directions, K = D / 2, L = label_stride<Sweeps, scalar_t>(n_labels, kind);
+  const at::Tensor g = transposed_copy<scalar_t>(grad_costs, B, n_labels, H * W, H * W, L, {B, H, W, L});
+  const at::Tensor v = padded_pairwise(pairwise, L), v_t = v.t().contiguous();
   const at::Tensor weights = edge_weights.contiguous();
-  const int64_t R = index_row<index_t>(kind, L);
+  const int64_t R = index_row<index_t>(kind, n_labels);
   const Grid<scalar_t> grid{B, H, W, L, D, weights.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
                             v_t.const_data_ptr<scalar_t>(), kind, R};
   at::Tensor grad_weights = at::zeros_like(weights);
@@ -646,10 +676,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(const at::Tensor&
   if (pairwise_grad) {
     const at::Tensor v_sums = grad_v.sum(0);
     grad_pairwise = v_sums[0] + v_sums[1].t();
+    if (L != n_labels) grad_pairwise = grad_pairwise.narrow(0, 0, n_labels).narrow(1, 0, n_labels).contiguous();
   } else {
-    grad_pairwise = at::zeros({L, L}, g.options());
+    grad_pairwise = at::zeros({n_labels, n_labels}, g.options());
   }
-  return {transposed_copy<scalar_t>(grad_unary, B, H * W, {B, L, H, W}), grad_pairwise, grad_weights};
+  return {transposed_copy<scalar_t>(grad_unary, B, H * W, n_labels, L, H * W, {B, n_labels, H, W}), grad_pairwise,
+          grad_weights};
 }
 
 template <typename F>

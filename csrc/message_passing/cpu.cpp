@@ -79,6 +79,33 @@ struct CpuSweeps {
 #endif
     baseline::backward_sweeps(grid, method, r_first, state, iteration);
   }
+  // Potts labels padded to whole label vectors (32 bytes; label_stride in common.h): a partial vector's loads and
+  // stores cost more than a full one's (TRWP-4 at 21 labels took longer than at 24, forward and backward).
+  template <typename scalar_t>
+  static int64_t label_stride(int64_t n_labels, int64_t kind) {
+    constexpr int64_t kLanes = 32 / sizeof(scalar_t);
+    return kind == kPotts ? (n_labels + kLanes - 1) / kLanes * kLanes : n_labels;
+  }
+  // total = sum_d messages[d] + theta (Eq. 3.7; messages (D, N, Ls), theta and total (N, Ls)), summed in the order
+  // d = 0, 1, ... whatever Ls is (ATen's sum rounded the padded and unpadded problems differently)
+  template <typename scalar_t>
+  static void add_messages(const at::Tensor& messages, const at::Tensor& theta, const at::Tensor& total) {
+    const int64_t n_directions = messages.size(0), size = theta.numel();
+    const scalar_t* m = messages.const_data_ptr<scalar_t>();
+    const scalar_t* unary = theta.const_data_ptr<scalar_t>();
+    scalar_t* out = total.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t e = begin; e < end; ++e) out[e] = m[e] + m[size + e];
+      for (int64_t d = 2; d < n_directions; ++d) {
+        const scalar_t* m_d = m + d * size;
+#pragma omp simd
+        for (int64_t e = begin; e < end; ++e) out[e] += m_d[e];
+      }
+#pragma omp simd
+      for (int64_t e = begin; e < end; ++e) out[e] += unary[e];
+    });
+  }
   static int64_t accumulators(int64_t) { return at::get_num_threads(); }  // one per thread
   static constexpr bool kAccumulatesPending = false;  // the first sweep of each pair writes P
   static constexpr bool kReadsUnwritten = false;  // the first iteration / replay writes before it reads

@@ -945,6 +945,16 @@ struct Sweeps {
     return std::clamp<int64_t>((int64_t{32} << 20) / (2 * n_labels * n_labels * 8), 1, 128);
   }
   static constexpr bool kAccumulatesPending = true;  // both sweeps of a pair add to P
+  template <typename scalar_t>
+  static int64_t label_stride(int64_t n_labels, int64_t) {  // no padding: a warp's lanes take the labels
+    return n_labels;
+  }
+  // total = sum_d messages[d] + theta (Eq. 3.7; messages (D, N, L), theta and total (N, L))
+  template <typename scalar_t>
+  static void add_messages(const at::Tensor& messages, const at::Tensor& theta, const at::Tensor& total) {
+    at::Tensor rows = total.view({theta.numel() / theta.size(-1), theta.size(-1)});
+    at::sum_out(rows, messages, at::IntArrayRef{0}).add_(theta.view_as(rows));
+  }
   static constexpr bool kReadsUnwritten = true;  // messages and E start zeroed (first_iteration is not read)
   template <typename scalar_t>
   static void isgmr_combine(const at::Tensor& pending, at::Tensor pair_grads, const at::Tensor& grad_unary) {
