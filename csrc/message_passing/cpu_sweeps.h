@@ -68,20 +68,21 @@ PixelVisits(Visit) -> PixelVisits<Visit>;
 // along a scanline and distinct between the scanlines a task interleaves (per-scanline scratch state), and a phase
 // that alternates between 0 and 1 along a scanline (double-buffered per-scanline state).
 //
-// Horizontal steps: one task and one run per image row; with row_blocks, a task takes kBlockPixels rows and visits
-// them column by column (lockstep), each column one run, so that a scanline's next pixel does not wait on the stores
-// of the one before (ISGMR's backward: 13-16% faster at 256x512; the forwards and TRWP's backward slower). Other steps
-// (dy, dx), |dy| in {1, 2}: the scanlines are the sets of constant key k = x ay - y ax with (ay, ax) = +-(dy, dx),
-// ay > 0; a task takes a block of consecutive keys and visits them row by row (lockstep), each row's members being one
-// run of contiguous x.
+// Horizontal steps: one task and one run per image row; with row_blocks (and enough rows for the threads), a task
+// takes kBlockPixels rows and visits them column by column (lockstep), each column one run, so that a scanline's next
+// pixel does not wait on the stores of the one before (ISGMR's backward: 13-16% faster at 256x512; the forwards and
+// TRWP's backward slower). Other steps (dy, dx), |dy| in {1, 2}: the scanlines are the sets of constant key
+// k = x ay - y ax with (ay, ax) = +-(dy, dx), ay > 0; a task takes a block of consecutive keys and visits them row by
+// row (lockstep), each row's members being one run of contiguous x.
 template <typename scalar_t, typename MakeVisitor>
 void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const MakeVisitor& make_visitor,
                bool row_blocks = false) {
   int64_t dy, dx;
   direction_step(r_first, dy, dx);
   const int64_t H = grid.height, W = grid.width, B = grid.batch;
-  if (dy == 0 && row_blocks) {
-    const int64_t n_blocks = ceil_div(H, kBlockPixels);
+  // (blocks of rows only where they leave every thread two tasks or more; fewer rows run row by row)
+  const int64_t n_row_blocks = ceil_div(H, kBlockPixels);
+  if (dy == 0 && row_blocks && B * n_row_blocks >= 2 * at::get_num_threads()) {
     auto sweep_rows = [&](auto& visitor, int64_t b, int64_t y0, int64_t step) {
       const bool ascending = (step > 0) != reverse;
       const int64_t rows = std::min(kBlockPixels, H - y0);
@@ -89,11 +90,11 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
         visitor.run(ScanRun(b, y0, ascending ? j : W - 1 - j, 0, rows, 0, step, H, W, 0, 1, j & 1, false, 1));
       }
     };
-    at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * n_row_blocks, 1, [&](int64_t begin, int64_t end) {
       auto first = make_visitor(r_first);
       auto second = make_visitor(r_first ^ 1);
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / n_blocks, y0 = task % n_blocks * kBlockPixels;
+        const int64_t b = task / n_row_blocks, y0 = task % n_row_blocks * kBlockPixels;
         sweep_rows(first, b, y0, dx);
         sweep_rows(second, b, y0, -dx);
       }
