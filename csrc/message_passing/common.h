@@ -471,8 +471,8 @@ at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channel
                            int64_t dst_row, at::IntArrayRef sizes, scalar_t pad = 0) {
   const at::Tensor source = src.contiguous();
   at::Tensor dst = empty_buffer(sizes, src.options());
-  if (dst_row > channels) dst.view({batch * spatial, dst_row}).narrow(1, channels, dst_row - channels).fill_(pad);
   if (!src.is_cpu()) {
+    if (dst_row > channels) dst.view({batch * spatial, dst_row}).narrow(1, channels, dst_row - channels).fill_(pad);
     dst.view({batch, spatial, dst_row})
         .narrow(2, 0, channels)
         .copy_(source.view({batch, channels, src_row}).narrow(2, 0, spatial).transpose(1, 2));
@@ -486,8 +486,13 @@ at::Tensor transposed_copy(const at::Tensor& src, int64_t batch, int64_t channel
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s_tiles * c_tiles), s_tile = task / c_tiles % s_tiles, c_tile = task % c_tiles;
       const int64_t s0 = s_tile * kTile, c0 = c_tile * kTile;
-      transpose_tile(from + b * channels * src_row, to + b * spatial * dst_row, dst_row, src_row, s0,
-                     std::min(spatial, s0 + kTile), c0, std::min(channels, c0 + kTile));
+      const int64_t s1 = std::min(spatial, s0 + kTile), c1 = std::min(channels, c0 + kTile);
+      scalar_t* out = to + b * spatial * dst_row;
+      transpose_tile(from + b * channels * src_row, out, dst_row, src_row, s0, s1, c0, c1);
+      // the tile that ends its rows' channels pads them, while the rows are in cache
+      for (int64_t s = s0; c1 == channels && s < s1; ++s) {
+        std::fill(out + s * dst_row + channels, out + (s + 1) * dst_row, pad);
+      }
     }
   });
   return dst;

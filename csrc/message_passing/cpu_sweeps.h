@@ -80,39 +80,37 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
   int64_t dy, dx;
   direction_step(r_first, dy, dx);
   const int64_t H = grid.height, W = grid.width, B = grid.batch;
+  // n_tasks parallel tasks; each parallel chunk makes its two visitors once, and sweep(visitor, task, sign) sweeps
+  // the task's scanlines in direction r_first (sign 1), then r_first ^ 1 (sign -1)
+  auto run_tasks = [&](int64_t n_tasks, const auto& sweep) {
+    at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+      auto first = make_visitor(r_first);
+      auto second = make_visitor(r_first ^ 1);
+      for (int64_t task = begin; task < end; ++task) {
+        sweep(first, task, 1);
+        sweep(second, task, -1);
+      }
+    });
+  };
   // (blocks of rows only where they leave every thread two tasks or more; fewer rows run row by row)
   const int64_t n_row_blocks = ceil_div(H, kBlockPixels);
   if (dy == 0 && row_blocks && B * n_row_blocks >= 2 * at::get_num_threads()) {
-    auto sweep_rows = [&](auto& visitor, int64_t b, int64_t y0, int64_t step) {
+    run_tasks(B * n_row_blocks, [&](auto& visitor, int64_t task, int64_t sign) {
+      const int64_t b = task / n_row_blocks, y0 = task % n_row_blocks * kBlockPixels, step = sign * dx;
       const bool ascending = (step > 0) != reverse;
       const int64_t rows = std::min(kBlockPixels, H - y0);
       for (int64_t j = 0; j < W; ++j) {
         visitor.run(ScanRun(b, y0, ascending ? j : W - 1 - j, 0, rows, 0, step, H, W, 0, 1, j & 1, false, 1));
       }
-    };
-    at::parallel_for(0, B * n_row_blocks, 1, [&](int64_t begin, int64_t end) {
-      auto first = make_visitor(r_first);
-      auto second = make_visitor(r_first ^ 1);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / n_row_blocks, y0 = task % n_row_blocks * kBlockPixels;
-        sweep_rows(first, b, y0, dx);
-        sweep_rows(second, b, y0, -dx);
-      }
     });
     return;
   }
   if (dy == 0) {
-    auto sweep_row = [&](auto& visitor, int64_t b, int64_t y, int64_t step) {
+    run_tasks(B * H, [&](auto& visitor, int64_t task, int64_t sign) {
+      const int64_t step = sign * dx;
       const bool ascending = (step > 0) != reverse;
-      visitor.run(ScanRun(b, y, ascending ? 0 : W - 1, ascending ? 1 : -1, W, 0, step, H, W, 0, 0, 0, true));
-    };
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      auto first = make_visitor(r_first);
-      auto second = make_visitor(r_first ^ 1);
-      for (int64_t task = begin; task < end; ++task) {
-        sweep_row(first, task / H, task % H, dx);
-        sweep_row(second, task / H, task % H, -dx);
-      }
+      visitor.run(ScanRun(task / H, task % H, ascending ? 0 : W - 1, ascending ? 1 : -1, W, 0, step, H, W, 0, 0, 0,
+                          true));
     });
     return;
   }
@@ -120,7 +118,8 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
   const int64_t key_lo = std::min<int64_t>(0, -(H - 1) * ax);
   const int64_t key_hi = (W - 1) * ay + std::max<int64_t>(0, -(H - 1) * ax) + 1;
   const int64_t span = kBlockPixels * ay, n_blocks = ceil_div(key_hi - key_lo, span);
-  auto sweep_block = [&](auto& visitor, int64_t b, int64_t key0, int64_t sy, int64_t sx) {
+  run_tasks(B * n_blocks, [&](auto& visitor, int64_t task, int64_t sign) {
+    const int64_t b = task / n_blocks, key0 = key_lo + (task % n_blocks) * span, sy = sign * dy, sx = sign * dx;
     const bool descending = (sy < 0) != reverse;
     for (int64_t s = 0; s < H; ++s) {
       const int64_t y = descending ? H - 1 - s : s;
@@ -130,15 +129,6 @@ void scan_pair(const Grid<scalar_t>& grid, int64_t r_first, bool reverse, const 
         visitor.run(ScanRun(b, y, x_begin, 1, x_end - x_begin, sy, sx, H, W, x_begin * ay - y * ax - key0, ay,
                             (s / ay) & 1, false));
       }
-    }
-  };
-  at::parallel_for(0, B * n_blocks, 1, [&](int64_t begin, int64_t end) {
-    auto first = make_visitor(r_first);
-    auto second = make_visitor(r_first ^ 1);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_blocks, key0 = key_lo + (task % n_blocks) * span;
-      sweep_block(first, b, key0, dy, dx);
-      sweep_block(second, b, key0, -dy, -dx);
     }
   });
 }
@@ -921,8 +911,8 @@ struct BackwardRuns {
       const int64_t pixel = s.pixel(t), i = image + pixel, off = i * L;
       const bool has_predecessor = s.has_predecessor(t), has_successor = s.has_successor(t);
       // Prefetch of the scanline's next pixel in this sweep, one line at a time: in a lockstep block it comes up to 16
-      // visits later, a row (or for a block of rows a column) further, where the hardware prefetcher does not reach
-      // (vertical sweeps waited on memory); along a row it is the adjacent pixel, which needs none.
+      // visits later (a row further, or in a block of rows the next column), where the hardware prefetcher does not
+      // reach (vertical sweeps waited on memory); along a row it is the adjacent pixel, which needs none.
       if (s.slot_step != 0 && has_predecessor) {  // a lockstep block's run
         const int64_t next = off - pred_delta * L;
         for (int64_t e = 0; e < L; e += 64 / sizeof(scalar_t)) {
