@@ -9,8 +9,9 @@ superpixels (frozen), and + SP + TI: the backbone, the FCN and transparent-init 
 jointly (fixed learning rates, networks 10x the TI layers as the thesis' 1e-6 / 1e-7) from the trained
 networks. A control row fine-tunes the backbone alone on the same schedule, so the gain of + SP + TI is not
 mistaken for the gain of more training.
-Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100. The
-superpixel oracle (the ground truth averaged over each source's superpixels) bounds what +SP can reach.
+Metrics: mIoU and the edge performance ratio (Eq. 4.16) and F-measure (Eq. 4.15) at 1-5 px, x100, by tolerance
+matching and over the extended edge area. The superpixel oracle (the ground truth averaged over each source's
+superpixels) bounds what +SP can reach.
 Superpixel sizes (FCN cell 4 px, SLIC with as many segments as the FCN has cells, compactness 20) were
 chosen on the training split for each backbone (docs/superpixel_experiments.md), never on the validation
 split.
@@ -24,8 +25,9 @@ when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` i
 ``--epochs`` is not, ``_ft<n>`` when ``--finetune-epochs`` is not, ``_noise<std>`` when ``--noise-std`` is not,
 ``_<n>classes`` when ``--num-classes`` is not, ``_seed<n>`` when ``--seed`` is not 0); with ``--examples N``
 also ``<that name>_examples.png``, the N validation images where + SP (SLIC) loses the most edge F-measure at
-5 px. Edge precision and recall at 1-5 px are printed and saved as well,
-with the ground-truth edges that + SP no longer recalls at 5 px. The logit-consistency speed table (512x512,
+5 px. Edge precision and recall at 1-5 px are printed and saved as well, the PR and FM of the extended edge area
+(aPR, aFM: Table 4.7's "edge areas extended by n pixels" read pixel by pixel, app.metrics.EdgeMetrics), and
+the ground-truth edges that + SP no longer recalls at 5 px. The logit-consistency speed table (512x512,
 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
 
@@ -62,6 +64,17 @@ CONTROL = "backbone fine-tuned alone (control)"
 SP_TI = "+ SP + TI (joint fine-tuning)"
 # Runs at other image sizes, cell sizes, fine-tuning budgets or seeds are saved under their own name.
 SOURCES = ("SLIC", "superpixel FCN")  # superpixels of the + SP rows
+# Short names of the rows' edge metrics (EdgeMetrics' keys): tolerance matching, then the extended edge area
+# (thesis Table 4.7's "edge areas extended by n pixels"; its precision is the tolerance precision P).
+EDGE_METRICS = {
+    "PR": "pr",
+    "FM": "f1",
+    "P": "precision",
+    "R": "recall",
+    "aPR": "area_pr",
+    "aFM": "area_f1",
+    "aR": "area_recall",
+}
 DEFAULT_IMAGE_SIZE = 96
 DEFAULT_EPOCHS = 6
 DEFAULT_CELL_SIZE = 4
@@ -126,7 +139,7 @@ def task(
 def evaluate(model: SegmentationTask, data: SyntheticShapes) -> dict[str, float]:
     (metrics,) = trainer(1).validate(model, datamodule=data, verbose=False)
     row = {"mIoU": 100 * metrics["val/mIoU"]}
-    for short, key in (("PR", "pr"), ("FM", "f1"), ("P", "precision"), ("R", "recall")):
+    for short, key in EDGE_METRICS.items():
         row.update({f"{short}@{t}": 100 * metrics[f"val/edge_{key}@{t}px"] for t in TOLERANCES})
     print(
         f"evaluated {type(model.head).__name__}: mIoU {row['mIoU']:.2f}, FM@1 {row['FM@1']:.2f}", flush=True
@@ -377,7 +390,7 @@ def summarize_seeds(args: argparse.Namespace) -> None:
     """Mean and sample standard deviation over the saved runs of ``args.summarize_seeds``, of each row and of
     the paired differences that the Table 4.4 target is about (each step against the one before it, and
     + SP + TI against the control fine-tuned on the same schedule): mIoU and FM, and edge precision and
-    recall when every run saved them."""
+    recall and the extended-area PR and FM when every run saved them."""
     saved = []
     for seed in args.summarize_seeds:
         path = RESULTS / f"{result_name(args, seed)}.json"
@@ -386,9 +399,10 @@ def summarize_seeds(args: argparse.Namespace) -> None:
         saved.append(json.loads(path.read_text()))
     runs = [run["rows"] for run in saved]
     tables = [["mIoU", *(f"FM@{t}" for t in TOLERANCES)]]
-    edge_metrics = [f"{kind}@{t}" for kind in ("P", "R") for t in TOLERANCES]
-    if all(metric in row for run in runs for row in run.values() for metric in edge_metrics):
-        tables.append(edge_metrics)
+    for kinds in (("P", "R"), ("aPR", "aFM")):  # in the runs saved since these were
+        edge_metrics = [f"{kind}@{t}" for kind in kinds for t in TOLERANCES]
+        if all(metric in row for run in runs for row in run.values() for metric in edge_metrics):
+            tables.append(edge_metrics)
     metrics = [metric for table in tables for metric in table]
     steps = {
         f"{later} - {earlier}": (later, earlier)
@@ -502,6 +516,12 @@ def main() -> None:
     print(markdown_table(headers, table))
     print("edge precision and recall:")
     print(markdown_table(edge_headers, edge_table))
+    area_headers = ["manner", *(f"{kind}@{t}" for kind in ("aPR", "aFM") for t in TOLERANCES)]
+    area_table = [[name, *(f"{row[key]:.2f}" for key in area_headers[1:])] for name, row in rows.items()]
+    print(
+        "extended edge area (Table 4.7's reading: predicted edges against the ground truth's extended by n px):"
+    )
+    print(markdown_table(area_headers, area_table))
     print(recall_lost_table(recall_lost))
     oracle_headers = ["superpixels", *oracles["SLIC"]]
     oracle_table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in oracles.items()]

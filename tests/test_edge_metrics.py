@@ -1,4 +1,4 @@
-"""EdgeMetrics (thesis Eq. 4.15-4.16): known answers, tolerance matching, ignore, accumulation."""
+"""EdgeMetrics (thesis Eq. 4.15-4.16): known answers, tolerance matching, extended edge areas, ignore, accumulation."""
 
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ def blobs(batch: int, size: int, num_classes: int, seed: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse.float(), size=(size, size), mode="nearest")[:, 0].long()
 
 
-def brute_force_counts(pred: np.ndarray, target: np.ndarray, tolerance: int) -> tuple[int, int, int, int]:
-    """(#pred edges, #matched pred, #target edges, #matched target) by explicit distance checks."""
+def brute_force_counts(
+    pred: np.ndarray, target: np.ndarray, tolerance: int
+) -> tuple[int, int, int, int, int]:
+    """(#pred edges, #matched pred, #target edges, #matched target, #pixels within ``tolerance`` of a target
+    edge) by explicit distance checks."""
 
     def edges(labels: np.ndarray) -> np.ndarray:
         out = np.zeros(labels.shape, dtype=bool)
@@ -48,6 +51,7 @@ def brute_force_counts(pred: np.ndarray, target: np.ndarray, tolerance: int) -> 
         matched(pred_edges, target_edges),
         int(target_edges.sum()),
         matched(target_edges, pred_edges),
+        matched(np.ones(target.shape, dtype=bool), target_edges),
     )
 
 
@@ -62,7 +66,7 @@ def test_identical_maps_score_one() -> None:
     metric = EdgeMetrics(num_classes=4)
     metric.update(target.clone(), target)
     result = metric.compute()
-    names = ("precision", "recall", "f1", "pr")
+    names = ("precision", "recall", "f1", "pr", "area_recall", "area_f1", "area_pr")
     assert set(result) == {f"edge_{name}@{d}px" for name in names for d in range(1, 6)}
     for tolerance in range(1, 6):
         assert result[f"edge_f1@{tolerance}px"] == pytest.approx(1.0)
@@ -98,6 +102,62 @@ def test_spurious_edge_counts_known_fractions() -> None:
     assert result["edge_precision@3px"] == pytest.approx(1.0)
 
 
+def test_extended_area_counts_known_fractions() -> None:
+    # One vertical boundary: 12 ground-truth edge pixels in column 4 of a 12 x 12 map; extended by d px it is
+    # the 12 x (2d + 1) band of columns 4 - d .. 4 + d.
+    target = halves(5)
+    metric = EdgeMetrics(num_classes=2, tolerances=(1, 2))
+    metric.update(target.clone(), target)
+    result = metric.compute()
+    for d in (1, 2):
+        # the exact boundary: TP 12, FP 0, FN the band's other 12 * 2d pixels
+        assert result[f"edge_area_recall@{d}px"] == pytest.approx(1 / (2 * d + 1))
+        assert result[f"edge_area_f1@{d}px"] == pytest.approx(2 / (2 * d + 2))
+        assert result[f"edge_area_pr@{d}px"] == pytest.approx(1 / (2 * d))
+    metric.reset()
+    metric.update(halves(7), target)  # the boundary two columns off: outside the band at 1 px, inside at 2
+    result = metric.compute()
+    assert result["edge_area_f1@1px"] == 0.0
+    assert result["edge_area_f1@2px"] == pytest.approx(2 / 6)
+    assert result["edge_precision@2px"] == pytest.approx(1.0)
+
+
+def test_extended_area_rises_then_falls_where_the_precision_rises_first() -> None:
+    """The shape of thesis Table 4.7's F-measures (a peak at 2-3 px): out of reach of tolerance matching."""
+    target = halves(6, size=24)
+    pred = halves(8, size=24)  # two columns off
+    metric = EdgeMetrics(num_classes=2, tolerances=(1, 2, 3, 4, 5))
+    metric.update(pred, target)
+    result = metric.compute()
+    area = [float(result[f"edge_area_f1@{d}px"]) for d in range(1, 6)]
+    tolerance = [float(result[f"edge_f1@{d}px"]) for d in range(1, 6)]
+    assert area[0] == 0.0 and area[1] == max(area) and area[1] > area[2] > area[3] > area[4] > 0.0
+    assert tolerance == sorted(tolerance)
+
+
+def test_extended_area_leaves_out_ignored_pixels() -> None:
+    target = halves(5)
+    target[:, :, 6:] = 255  # ignored from column 6 on
+    metric = EdgeMetrics(num_classes=2, tolerances=(2,))
+    metric.update(halves(5), target)
+    # the edge in column 4 extended by 2 px: columns 2-6, of which 6 is ignored
+    assert int(metric.target_area[0]) == 12 * 4
+    assert metric.compute()["edge_area_recall@2px"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize(
+    ("valid", "message"),
+    [
+        (torch.ones(1, 12, 11, dtype=torch.bool), "valid .* differ in shape"),
+        (torch.ones(1, 12, 12), "valid must"),
+    ],
+)
+def test_bad_valid_mask_raises(valid: torch.Tensor, message: str) -> None:
+    edges = label_edges(halves(5))
+    with pytest.raises(ValueError, match=message):
+        edge_match_counts(edges, edges, (1,), valid)
+
+
 def test_empty_prediction_edges_give_zero_recall() -> None:
     target = blobs(1, 32, 3, seed=1)
     metric = EdgeMetrics(num_classes=3, tolerances=(1, 5))
@@ -114,15 +174,16 @@ def test_empty_prediction_edges_give_zero_recall() -> None:
 def test_counts_match_brute_force_distances(tolerance: int) -> None:
     pred = blobs(1, 24, 3, seed=2)[0]
     target = blobs(1, 24, 3, seed=3)[0]
-    matched_pred, matched_target = edge_match_counts(
+    matched_pred, matched_target, target_area = edge_match_counts(
         label_edges(pred[None]), label_edges(target[None]), (tolerance,)
     )
-    n_pred, expected_pred, n_target, expected_target = brute_force_counts(
+    n_pred, expected_pred, n_target, expected_target, expected_area = brute_force_counts(
         pred.numpy(), target.numpy(), tolerance
     )
     assert n_pred > 0 and n_target > 0
     assert int(matched_pred[0]) == expected_pred
     assert int(matched_target[0]) == expected_target
+    assert int(target_area[0]) == expected_area
 
 
 def test_unsorted_tolerances_keep_their_order() -> None:
@@ -132,6 +193,7 @@ def test_unsorted_tolerances_keep_their_order() -> None:
     backward = edge_match_counts(*edges, (5, 1, 2))
     assert torch.equal(backward[0], forward[0][[2, 0, 1]])
     assert torch.equal(backward[1], forward[1][[2, 0, 1]])
+    assert torch.equal(backward[2], forward[2][[2, 0, 1]])
     assert bool((forward[0][:-1] <= forward[0][1:]).all())  # matches grow with the tolerance
 
 

@@ -151,6 +151,7 @@ def test_fit_logs_epoch_metrics_for_head_and_backbone(tmp_path):
         "val/pixel_acc_backbone",
         "val/loss",
         "val/edge_f1@1px",
+        "val/edge_area_f1@1px",
     ):
         assert key in metrics, key
         assert 0.0 <= float(metrics[key]) <= (1.0 if "loss" not in key else 100.0)

@@ -1,6 +1,8 @@
 """Edge quality of a segmentation (thesis Sec. 4.4.2.3): precision, recall, F-measure (Eq. 4.15) and
-performance ratio (Eq. 4.16) of the predicted label map's edges against the ground truth's edges, with a
-tolerance of n pixels."""
+performance ratio (Eq. 4.16) of the predicted label map's edges against the ground truth's edges, at n pixels,
+in two readings: tolerance matching (each side's edge pixels matched within n px of the other's) and the
+extended edge area, our reading of thesis Table 4.7 (the predicted edge pixels against the ground-truth edges
+extended by n px, counted pixel by pixel as in Fig. 4.5)."""
 
 from __future__ import annotations
 
@@ -72,34 +74,46 @@ def within_tolerance(edges: torch.Tensor, tolerance: int) -> torch.Tensor:
 
 
 def edge_match_counts(
-    pred_edges: torch.Tensor, target_edges: torch.Tensor, tolerances: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count edge pixels matched within each tolerance (:func:`within_tolerance`).
+    pred_edges: torch.Tensor,
+    target_edges: torch.Tensor,
+    tolerances: Sequence[int],
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Count edge pixels matched within each tolerance (:func:`within_tolerance`), and the extended edge areas.
 
     A predicted edge pixel is a true positive at tolerance d when a ground-truth edge pixel lies within
     d pixels (the (2d+1) x (2d+1) square around it); a ground-truth edge pixel is recalled when a
-    predicted edge pixel lies within d pixels.
+    predicted edge pixel lies within d pixels. The ground truth's edge area extended by d px is every
+    (valid) pixel within d px of a ground-truth edge pixel.
 
     Args:
         pred_edges: (B, H, W) bool predicted edges.
         target_edges: (B, H, W) bool ground-truth edges.
         tolerances: distinct ints >= 0.
+        valid: (B, H, W) bool mask of the pixels the extended areas may cover; all pixels when None.
 
     Returns:
-        ``(matched_pred, matched_target)``, two (T,) int64 tensors in the order of ``tolerances``.
+        ``(matched_pred, matched_target, target_area)``, three (T,) int64 tensors in the order of ``tolerances``.
     """
     tolerances = _check_tolerances(tolerances)
-    for name, edges in (("pred_edges", pred_edges), ("target_edges", target_edges)):
+    for name, edges in (("target_edges", target_edges), ("pred_edges", pred_edges), ("valid", valid)):
+        if edges is None and name == "valid":
+            continue
         if not isinstance(edges, torch.Tensor) or edges.dim() != 3 or edges.dtype != torch.bool:
             raise ValueError(f"{name} must be a (B, H, W) bool tensor, got {getattr(edges, 'shape', edges)}")
-    if pred_edges.shape != target_edges.shape:
-        raise ValueError(
-            f"pred_edges {tuple(pred_edges.shape)} and target_edges {tuple(target_edges.shape)} "
-            "differ in shape"
-        )
-    matched_pred = [(pred_edges & within_tolerance(target_edges, d)).sum() for d in tolerances]
-    matched_target = [(target_edges & within_tolerance(pred_edges, d)).sum() for d in tolerances]
-    return torch.stack(matched_pred), torch.stack(matched_target)
+        if edges.shape != target_edges.shape:
+            raise ValueError(
+                f"{name} {tuple(edges.shape)} and target_edges {tuple(target_edges.shape)} differ in shape"
+            )
+    matched_pred, matched_target, target_area = [], [], []
+    for d in tolerances:
+        near_target = within_tolerance(target_edges, d)
+        if valid is not None:
+            near_target &= valid
+        matched_pred.append((pred_edges & near_target).sum())
+        matched_target.append((target_edges & within_tolerance(pred_edges, d)).sum())
+        target_area.append(near_target.sum())
+    return torch.stack(matched_pred), torch.stack(matched_target), torch.stack(target_area)
 
 
 def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
@@ -115,12 +129,24 @@ class EdgeMetrics(Metric):
 
     Edges are the pixels whose label differs from the right or bottom neighbour (:func:`label_edges`),
     in the prediction and in the target; pixels whose target is ``ignore_index`` are excluded from both.
-    At tolerance d (in pixels, Chebyshev distance):
+    At tolerance d (in pixels, Chebyshev distance), two readings:
+
+    Tolerance matching (``edge_*`` keys):
 
     - TP: predicted edge pixels with a ground-truth edge within d; FP: the other predicted edge pixels.
     - FN: ground-truth edge pixels with no predicted edge within d.
     - P = TP / (TP + FP); R = (ground-truth edges recalled) / (all ground-truth edges) = 1 - FN / #GT;
       FM = 2 / (1/R + 1/P) (Eq. 4.15); PR = TP / (FP + FN) (Eq. 4.16, a ratio; the thesis prints x100).
+
+    Extended edge area (``edge_area_*`` keys; our reading of thesis Table 4.7, "on edge areas extended by 1
+    to 5 pixels", counted pixel by pixel as in Fig. 4.5): the ground truth's edge pixel set is its edges
+    extended by d px (every valid pixel within d px of one), the prediction's stays its edges.
+
+    - TP and FP as above (so the precision is the same); FN: pixels of the extended area that are not
+      predicted edge pixels. R = TP / #area, FM and PR as above from these counts.
+    - R is at most #predicted edges / #area, so FM falls as d widens the area unless the precision rises
+      faster: the thesis' F-measures rise from 1 to 3 px and fall to 5 px, which tolerance matching, whose
+      precision and recall can only grow with d, cannot produce.
 
     A ratio with a zero denominator is 0, except PR, which is ``inf`` when TP > 0 and FP + FN = 0.
     The states are sums of counts, so the result over a dataset is independent of how it is batched and
@@ -128,23 +154,25 @@ class EdgeMetrics(Metric):
 
     Args:
         num_classes: number of classes; logits must have this many channels and labels lie below it.
-        tolerances: matching tolerances in pixels (thesis Table 4.7: 1 to 5).
+        tolerances: matching tolerances and area extensions in pixels (thesis Table 4.7: 1 to 5).
         ignore_index: target label of pixels to exclude.
 
     Shape:
         - preds: (B, H, W) integer label map, or (B, num_classes, H, W) floating logits (argmax is taken).
         - target: (B, H, W) integer labels in [0, num_classes) or ``ignore_index``.
 
-    ``compute()`` returns ``{"edge_precision@1px", "edge_recall@1px", "edge_f1@1px", "edge_pr@1px", ...}``
-    with one float32 scalar tensor per metric and tolerance; log it with ``self.log_dict(metric.compute())``.
+    ``compute()`` returns ``{"edge_precision@1px", "edge_recall@1px", "edge_f1@1px", "edge_pr@1px",
+    "edge_area_recall@1px", "edge_area_f1@1px", "edge_area_pr@1px", ...}`` with one float32 scalar tensor per
+    metric and tolerance; log it with ``self.log_dict(metric.compute())``.
 
     Example:
         >>> target = torch.zeros(1, 8, 8, dtype=torch.long)
         >>> target[:, :, 4:] = 1
         >>> metric = EdgeMetrics(num_classes=2, tolerances=(1,))
         >>> metric.update(target.clone(), target)
-        >>> float(metric.compute()["edge_f1@1px"])
-        1.0
+        >>> result = metric.compute()
+        >>> float(result["edge_f1@1px"]), float(result["edge_area_recall@1px"])
+        (1.0, 0.3333333432674408)
     """
 
     is_differentiable = False
@@ -155,6 +183,7 @@ class EdgeMetrics(Metric):
     target_edges: torch.Tensor
     matched_pred: torch.Tensor
     matched_target: torch.Tensor
+    target_area: torch.Tensor
 
     def __init__(
         self, num_classes: int, tolerances: tuple[int, ...] = (1, 2, 3, 4, 5), ignore_index: int = 255
@@ -176,6 +205,7 @@ class EdgeMetrics(Metric):
         self.add_state("target_edges", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("matched_pred", torch.zeros(count, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("matched_target", torch.zeros(count, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("target_area", torch.zeros(count, dtype=torch.int64), dist_reduce_fx="sum")
 
     def _labels(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if not isinstance(target, torch.Tensor) or target.dim() != 3 or target.dtype not in INTEGER_DTYPES:
@@ -222,28 +252,38 @@ class EdgeMetrics(Metric):
         valid = target != self.ignore_index
         pred_edges = label_edges(preds, valid)
         target_edges = label_edges(target, valid)
-        matched_pred, matched_target = edge_match_counts(pred_edges, target_edges, self.tolerances)
+        matched_pred, matched_target, target_area = edge_match_counts(
+            pred_edges, target_edges, self.tolerances, valid
+        )
         self.pred_edges += pred_edges.sum()
         self.target_edges += target_edges.sum()
         self.matched_pred += matched_pred
         self.matched_target += matched_target
+        self.target_area += target_area
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """Return precision, recall, F-measure and performance ratio at every tolerance."""
+        """Return precision, recall, F-measure and performance ratio at every tolerance, in both readings."""
         precision = _ratio(self.matched_pred, self.pred_edges.expand_as(self.matched_pred))
-        recall = _ratio(self.matched_target, self.target_edges.expand_as(self.matched_target))
-        f_measure = _ratio(2 * precision * recall, precision + recall)
-        false_edges = (self.pred_edges - self.matched_pred) + (self.target_edges - self.matched_target)
-        performance_ratio = _ratio(self.matched_pred, false_edges)
-        performance_ratio = torch.where(
-            (false_edges == 0) & (self.matched_pred > 0),
-            torch.full_like(performance_ratio, torch.inf),
-            performance_ratio,
-        )
+        false_pred = self.pred_edges - self.matched_pred
+        readings = {
+            "edge": (self.matched_target, self.target_edges.expand_as(self.matched_target)),
+            "edge_area": (self.matched_pred, self.target_area),
+        }
         results: dict[str, torch.Tensor] = {}
-        for index, tolerance in enumerate(self.tolerances):
-            results[f"edge_precision@{tolerance}px"] = precision[index]
-            results[f"edge_recall@{tolerance}px"] = recall[index]
-            results[f"edge_f1@{tolerance}px"] = f_measure[index]
-            results[f"edge_pr@{tolerance}px"] = performance_ratio[index]
+        for prefix, (recalled, positives) in readings.items():
+            recall = _ratio(recalled, positives)
+            f_measure = _ratio(2 * precision * recall, precision + recall)
+            false_edges = false_pred + (positives - recalled)
+            performance_ratio = _ratio(self.matched_pred, false_edges)
+            performance_ratio = torch.where(
+                (false_edges == 0) & (self.matched_pred > 0),
+                torch.full_like(performance_ratio, torch.inf),
+                performance_ratio,
+            )
+            for index, tolerance in enumerate(self.tolerances):
+                if prefix == "edge":
+                    results[f"edge_precision@{tolerance}px"] = precision[index]
+                results[f"{prefix}_recall@{tolerance}px"] = recall[index]
+                results[f"{prefix}_f1@{tolerance}px"] = f_measure[index]
+                results[f"{prefix}_pr@{tolerance}px"] = performance_ratio[index]
         return results
