@@ -26,7 +26,7 @@ when ``--image-size`` is not the default, ``_cell<size>`` when ``--cell-size`` i
 ``_<n>classes`` when ``--num-classes`` is not, ``_seed<n>`` when ``--seed`` is not 0); with ``--examples N``
 also ``<that name>_examples.png``, the N validation images where + SP (SLIC) loses the most edge F-measure at
 5 px. Edge precision and recall at 1-5 px are printed and saved as well, the PR and FM of the extended edge area
-(aPR, aFM: Table 4.7's "edge areas extended by n pixels" read pixel by pixel, app.metrics.EdgeMetrics), and
+(aPR, aFM: our pixel-by-pixel reading of Table 4.7's "edge areas extended by n pixels", app.metrics.EdgeMetrics), and
 the ground-truth edges that + SP no longer recalls at 5 px. The logit-consistency speed table (512x512,
 21 classes, ~1000 superpixels, compiled vs the dense form of Eq. 4.14) is benchmarks/segment_mean.py.
 """
@@ -65,7 +65,7 @@ SP_TI = "+ SP + TI (joint fine-tuning)"
 # Runs at other image sizes, cell sizes, fine-tuning budgets or seeds are saved under their own name.
 SOURCES = ("SLIC", "superpixel FCN")  # superpixels of the + SP rows
 # Short names of the rows' edge metrics (EdgeMetrics' keys): tolerance matching, then the extended edge area
-# (thesis Table 4.7's "edge areas extended by n pixels"; its precision is the tolerance precision P).
+# (our reading of thesis Table 4.7's "edge areas extended by n pixels"; its precision is the tolerance precision P).
 EDGE_METRICS = {
     "PR": "pr",
     "FM": "f1",
@@ -244,6 +244,12 @@ def recall_lost_to_superpixels(
         save_edge_examples([sample for _, sample in panels[:examples]], examples_path)
         print(f"saved {examples_path}")
     return counts
+
+
+def rows_table(rows: dict[str, dict[str, float]], metrics: list[str], first_header: str = "manner") -> str:
+    """The ``metrics`` of each row as a markdown table, to two decimals, the rows' names in the first column."""
+    table = [[name, *(f"{row[metric]:.2f}" for metric in metrics)] for name, row in rows.items()]
+    return markdown_table([first_header, *metrics], table)
 
 
 def recall_lost_table(recall_lost: dict[str, dict[str, object]]) -> str:
@@ -502,10 +508,6 @@ def main() -> None:
     recall_lost = recall_lost_to_superpixels(backbone, data, fcn, args.examples, examples_path)
     timings["total_s"] = time.perf_counter() - started
 
-    headers = ["manner", "mIoU", *(f"PR@{t}" for t in TOLERANCES), *(f"FM@{t}" for t in TOLERANCES)]
-    table = [[name, *(f"{row[key]:.2f}" for key in headers[1:])] for name, row in rows.items()]
-    edge_headers = ["manner", *(f"P@{t}" for t in TOLERANCES), *(f"R@{t}" for t in TOLERANCES)]
-    edge_table = [[name, *(f"{row[key]:.2f}" for key in edge_headers[1:])] for name, row in rows.items()]
     title = (
         f"SyntheticShapes {classes} classes, {args.image_size}px, {args.n_train} train / {args.n_val} val, "
         f"backbone {args.backbone} {args.epochs} epochs, FCN {args.fcn_steps} steps (final loss {fcn_loss:.3f}), "
@@ -513,20 +515,16 @@ def main() -> None:
         f"{slic_segments}, FCN cell {args.cell_size}px; {machine()}; {timings['total_s'] / 60:.1f} min"
     )
     print(title)
-    print(markdown_table(headers, table))
+    print(rows_table(rows, ["mIoU", *(f"{kind}@{t}" for kind in ("PR", "FM") for t in TOLERANCES)]))
     print("edge precision and recall:")
-    print(markdown_table(edge_headers, edge_table))
-    area_headers = ["manner", *(f"{kind}@{t}" for kind in ("aPR", "aFM") for t in TOLERANCES)]
-    area_table = [[name, *(f"{row[key]:.2f}" for key in area_headers[1:])] for name, row in rows.items()]
+    print(rows_table(rows, [f"{kind}@{t}" for kind in ("P", "R") for t in TOLERANCES]))
     print(
-        "extended edge area (Table 4.7's reading: predicted edges against the ground truth's extended by n px):"
+        "extended edge area (our reading of Table 4.7: predicted edges against the ground truth's extended by n px):"
     )
-    print(markdown_table(area_headers, area_table))
+    print(rows_table(rows, [f"{kind}@{t}" for kind in ("aPR", "aFM") for t in TOLERANCES]))
     print(recall_lost_table(recall_lost))
-    oracle_headers = ["superpixels", *oracles["SLIC"]]
-    oracle_table = [[name, *(f"{value:.2f}" for value in row.values())] for name, row in oracles.items()]
     print("superpixel oracle (ground truth averaged over the superpixels), validation:")
-    print(markdown_table(oracle_headers, oracle_table))
+    print(rows_table(oracles, list(oracles["SLIC"]), first_header="superpixels"))
     print(f"+ SP + TI at initialization (must equal + SP (superpixel FCN)): mIoU {at_init['mIoU']:.2f}")
     path = save_json(
         result_name(args, args.seed),
