@@ -123,7 +123,7 @@ def test_extended_area_counts_known_fractions() -> None:
 
 
 def test_extended_area_rises_then_falls_where_the_precision_rises_first() -> None:
-    """The shape of thesis Table 4.7's F-measures (a peak at 2-3 px): out of reach of tolerance matching."""
+    """The shape of most rows of thesis Table 4.7 (a peak at 2-4 px): out of reach of tolerance matching."""
     target = halves(6, size=24)
     pred = halves(8, size=24)  # two columns off
     metric = EdgeMetrics(num_classes=2, tolerances=(1, 2, 3, 4, 5))
