@@ -269,7 +269,8 @@ class EdgeMetrics(Metric):
             "edge": (self.matched_target, self.target_edges.expand_as(self.matched_target)),
             "edge_area": (self.matched_pred, self.target_area),
         }
-        results: dict[str, torch.Tensor] = {}
+        # the precision is the same in both readings
+        results = {f"edge_precision@{t}px": precision[index] for index, t in enumerate(self.tolerances)}
         for prefix, (recalled, positives) in readings.items():
             recall = _ratio(recalled, positives)
             f_measure = _ratio(2 * precision * recall, precision + recall)
@@ -281,8 +282,6 @@ class EdgeMetrics(Metric):
                 performance_ratio,
             )
             for index, tolerance in enumerate(self.tolerances):
-                if prefix == "edge":
-                    results[f"edge_precision@{tolerance}px"] = precision[index]
                 results[f"{prefix}_recall@{tolerance}px"] = recall[index]
                 results[f"{prefix}_f1@{tolerance}px"] = f_measure[index]
                 results[f"{prefix}_pr@{tolerance}px"] = performance_ratio[index]
